@@ -1,0 +1,135 @@
+"""The method interface: what a distillation method declares, and nothing about the loop.
+
+A method is one small class:
+
+* ``hparams`` / ``choices``: its hyperparameters (names as in METHODS.md) with defaults; any float
+  may be given a schedule (``linear(...)``, ``step(...)``);
+* ``presets``: per dataset, the paper's (or authors' code's) published setting;
+* ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
+* ``inner_max()``: how it makes its adversarial inputs this step;
+* ``outer_min()``: its named loss terms (summed by the loop into one backward pass);
+* ``diagnostics()``: optional per-sample quantities averaged over the validation set each epoch.
+
+The loop (raydistill.engine) owns devices, DDP, optimizers, schedules, checkpoints and logging.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .. import attacks
+from ..schedules import value_at
+
+
+@dataclass
+class NetSpec:
+    """One network of a method: ``trainable`` ones are trained from scratch under DDP; others are
+    frozen pretrained networks loaded from ``checkpoint`` (never DDP-wrapped, no parameter grads)."""
+
+    name: str
+    arch: str
+    trainable: bool = True
+    checkpoint: str | None = None
+    flag: str = ""  # the CLI flag that names the checkpoint, for error messages
+
+
+class Nets:
+    """The method's networks. ``nets.student`` is the training forward (DDP-wrapped when
+    distributed); ``nets.raw('student')`` is the bare module, used by attacks and eval forwards
+    (attacks take input gradients only, so they never touch DDP's gradient hooks)."""
+
+    def __init__(self, wrapped: dict[str, nn.Module], raw: dict[str, nn.Module], specs: list[NetSpec]):
+        self._wrapped, self._raw = wrapped, raw
+        self.specs = {s.name: s for s in specs}
+
+    def __getattr__(self, name: str) -> nn.Module:
+        try:
+            return self.__dict__["_wrapped"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def raw(self, name: str) -> nn.Module:
+        return self._raw[name]
+
+    def names(self, trainable: bool | None = None) -> list[str]:
+        return [n for n, s in self.specs.items() if trainable is None or s.trainable == trainable]
+
+
+class HP:
+    """Attribute view of the hyperparameters at the current (fractional) epoch."""
+
+    def __init__(self, values: dict[str, Any], epoch: float = 0.0):
+        self._values, self.epoch = values, epoch
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__["_values"]
+        if name not in values:
+            raise AttributeError(f"no hyperparameter '{name}'")
+        return value_at(values[name], self.__dict__["epoch"])
+
+
+@dataclass
+class StepContext:
+    """What a step may read: threat model, hyperparameters at this epoch, and a stats sink."""
+
+    eps: float
+    step_size: float
+    attack_steps: int
+    hp: HP
+    epoch: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    def record(self, name: str, per_sample: torch.Tensor) -> None:
+        """Accumulate a per-sample training statistic, logged per epoch as train/<name>."""
+        s, n = self.stats.get(name, (0.0, 0))
+        self.stats[name] = (s + per_sample.detach().float().sum(), n + per_sample.numel())
+
+
+class Method:
+    name: ClassVar[str] = ""
+    hparams: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+    presets: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- declarations
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        """Raise UsageError for settings this method cannot run with (before anything starts)."""
+
+    def networks(self) -> list[NetSpec]:
+        return [NetSpec("student", self.cfg.student)]
+
+    # ---- the step
+    def inner_max(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def outer_min(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, adv: dict[str, torch.Tensor],
+                  ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.outer_min(nets, x, y, self.inner_max(nets, x, y, ctx), ctx)
+
+    def diagnostics(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    # ---- helpers for subclasses
+    def pgd(self, objective, x: torch.Tensor, ctx: StepContext, start: str = "uniform") -> torch.Tensor:
+        """The project's one PGD with this run's threat model (eps, step size, steps)."""
+        return attacks.pgd(objective, x, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.attack_steps,
+                           random_start=start)
+
+    @staticmethod
+    @contextmanager
+    def attacking(nets: Nets, names: list[str], bn: str) -> Iterator[list[nn.Module]]:
+        """The bare modules ``names`` in BatchNorm mode ``bn`` ('eval' | 'train') for an attack."""
+        mods = [nets.raw(n) for n in names]
+        with attacks.bn_mode(mods, bn):
+            yield mods

@@ -1,0 +1,164 @@
+"""MLflow: runs are created and closed by the driver, metrics are logged by rank 0 only.
+
+* The driver resolves the tracking URI (``--tracking-uri``, else MLflow's own default:
+  MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one, creates the experiment once
+  (concurrent sqlite writers can lock) and the run, and passes the run id to the workers.
+* A relaunch with the same ``--name`` reuses the unfinished run with that name instead of
+  starting a second one.
+* Rank 0 logs per-epoch metrics with the epoch as the step, exactly once per epoch (``backfill``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .errors import UsageError
+
+NAME_TAG = "raydistill.name"
+
+
+def resolve_uri(uri: str | None) -> str:
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri:
+        uri = os.path.abspath(uri)
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (one error line) when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"--tracking-uri {uri} is unreachable ({reason}); start the MLflow server or give another URI") from None
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flat_params(cfg) -> dict[str, str]:
+    d = cfg.to_dict()
+    hp = d.pop("hp")
+    skip = {"tracking_uri", "mlflow_run_id", "fault", "summary_json"}
+    out = {k: str(v) for k, v in d.items() if k not in skip and v is not None}
+    out.update({f"hp.{k}": str(v) for k, v in sorted(hp.items())})
+    return {k: v[:500] for k, v in out.items()}
+
+
+def run_tags(cfg) -> dict[str, str]:
+    return {NAME_TAG: cfg.name, "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student,
+            "seed": str(cfg.seed), "mlflow.runName": cfg.name}
+
+
+def start_run(cfg, parent_run_id: str | None = None) -> str:
+    """Create (or reuse, for a resumed --name) the run for ``cfg``; returns its id."""
+    c = client(cfg.tracking_uri)
+    exp = experiment_id(c, cfg.experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}'", max_results=5,
+                          order_by=["attributes.start_time DESC"])
+    reusable = [r for r in found if r.info.status != "FINISHED"]
+    if reusable:
+        run_id = reusable[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = run_tags(cfg)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp, tags=tags, run_name=cfg.name)
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in flat_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    return run.info.run_id
+
+
+def log_checkpoint(uri: str, run_id: str, checkpoint_dir: str) -> None:
+    """The best and last student of a checkpoint folder, as artifacts (driver side)."""
+    from .checkpoint import MODEL_FILE
+
+    c = client(uri)
+    for fname, sub in ((MODEL_FILE, "checkpoints/best"), ("last_model.pt", "checkpoints/last")):
+        path = os.path.join(checkpoint_dir, fname)
+        if os.path.exists(path):
+            c.log_artifact(run_id, path, artifact_path=sub)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    client(uri).delete_run(run_id)
+
+
+class EpochLogger:
+    """Rank 0's MLflow writer: per-epoch metrics exactly once, final test figures, checkpoints."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.c, self.run_id = client(uri), run_id
+
+    def _logged_epochs(self) -> set[int]:
+        return {m.step for m in self.c.get_metric_history(self.run_id, "val/pgd10_acc")}
+
+    def backfill(self, history: list[dict]) -> None:
+        """Log epochs present in the checkpoint's history that MLflow lacks (after a crash)."""
+        logged = self._logged_epochs()
+        for m in history:
+            if int(m["epoch"]) - 1 not in logged:
+                self.log_epoch(int(m["epoch"]) - 1, m)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and k not in ("epoch",)]
+        self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms))
+
+    def log_final(self, final: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in final.items() if k.startswith("test/")]
+        self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms))
+        self.c.set_tag(self.run_id, "epochs_completed", str(final["epochs_completed"]))
+        self.c.set_tag(self.run_id, "best_epoch", str(final["best_epoch"]))
+
+    @staticmethod
+    def _retry(fn, tries: int = 5):
+        for i in range(tries):
+            try:
+                return fn()
+            except Exception:
+                if i == tries - 1:
+                    raise
+                time.sleep(0.5 * 2 ** i)

@@ -1,0 +1,198 @@
+"""``python -m raydistill.train METHOD [options]``: one training run.
+
+By default the run goes through Ray Train's TorchTrainer (``--workers N``, each trained network
+under DDP); ``--workers 0`` runs the same loop in-process, without Ray, for debugging.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import ArgParser
+from .config import TrainConfig, add_run_options, build_config, storage_path
+from .errors import UsageError, cli_entry
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
+
+
+class TrainingFailed(RuntimeError):
+    """The run started but did not finish; the message is the root cause in one line."""
+
+
+def parser() -> ArgParser:
+    p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
+    p.add_argument("method", nargs="?", help="method name (see --list)")
+    p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
+    p.add_argument("--name", help="run name; relaunching an interrupted run with the same name resumes it")
+    add_run_options(p)
+    return p
+
+
+def default_name(cfg: TrainConfig) -> str:
+    return f"{cfg.method}-{cfg.dataset}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
+    from .checkpoint import load_model
+    from .methods import get_method
+
+    n_classes = NUM_CLASSES.get(cfg.dataset) or cfg.dataset_options.get("num_classes", 10)
+    for spec in get_method(cfg.method)(cfg).networks():
+        if not spec.trainable:
+            load_model(spec.checkpoint, "cpu", num_classes=n_classes, what=spec.flag or spec.name)
+
+
+def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
+           quiet: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md)."""
+    from . import tracking
+
+    cfg.name = cfg.name or default_name(cfg)
+    cfg.storage_path = storage_path(cfg.storage_path)
+    preflight(cfg)
+    cfg.tracking_uri = tracking.resolve_uri(cfg.tracking_uri)
+    tracking.check_reachable(cfg.tracking_uri)
+    cfg.mlflow_run_id = tracking.start_run(cfg, parent_run_id=parent_run_id)
+    t0 = time.time()
+    try:
+        if cfg.in_process:
+            from .engine import run_in_process
+
+            session = run_in_process(cfg)
+            metrics, checkpoint = session.final_metrics, session.checkpoint_path
+        else:
+            metrics, checkpoint = run_ray(cfg, callbacks or [], quiet)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        reason = root_cause(exc)
+        try:
+            tracking.client(cfg.tracking_uri).set_tag(cfg.mlflow_run_id, "failure_reason", reason[:5000])
+            tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, status)
+        except Exception:
+            pass
+        if isinstance(exc, (UsageError, KeyboardInterrupt)):
+            raise
+        raise TrainingFailed(reason) from exc
+    if checkpoint:
+        tracking.log_checkpoint(cfg.tracking_uri, cfg.mlflow_run_id, checkpoint)
+    tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, "FINISHED")
+    return summary(cfg, metrics, checkpoint, time.time() - t0)
+
+
+def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str | None]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .engine import train_worker
+
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR", log_to_driver=not quiet)
+    gpus = cfg.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0
+    resources = {"CPU": 1.0}
+    if gpus:
+        resources["GPU"] = gpus
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or None,
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             # one copy of each worker print (Ray's print patch would add a second)
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    ckpt = result.checkpoint
+    path = ckpt.path if ckpt is not None and "://" not in cfg.storage_path else None
+    return dict(result.metrics or {}), path
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost meaningful message of a (Ray-wrapped) exception, on one line."""
+    seen, cur = set(), exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        nxt = cur.__cause__ or getattr(cur, "cause", None) or cur.__context__
+        if nxt is None or not isinstance(nxt, BaseException):
+            break
+        cur = nxt
+    text = f"{type(cur).__name__}: {cur}" if str(cur) else type(cur).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("NonFiniteLoss", "UsageError", "Error:"):
+        for ln in reversed(lines):
+            if marker in ln:
+                return ln
+    return lines[-1] if lines else type(exc).__name__
+
+
+def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
+    test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
+    return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": cfg.name,
+            "mlflow_run_id": cfg.mlflow_run_id, "tracking_uri": cfg.tracking_uri,
+            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+            "epochs_completed": int(metrics.get("epochs_completed", 0)),
+            "best_epoch": int(metrics.get("best_epoch", 0)),
+            "metrics": test, "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
+            "wall_time_s": round(wall, 2)}
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rows = [("method", s["method"]), ("dataset", s["dataset"]), ("student", s["student"]),
+            ("epochs", s["epochs_completed"]), ("best epoch", s["best_epoch"])]
+    rows += [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
+    rows += [("wall time", f"{s['wall_time_s']:.1f}s"), ("checkpoint", s["checkpoint"]),
+             ("mlflow run", s["mlflow_run_id"])]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def write_json(path: str, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .methods import METHODS
+
+    args = parser().parse_args(argv)
+    if args.list:
+        print("\n".join(METHODS.names()))
+        return 0
+    if not args.method:
+        raise UsageError(f"give a METHOD; choose from: {', '.join(METHODS.names())}")
+    cfg = build_config(args.method, args)
+    if args.summary_json:
+        out_dir = Path(args.summary_json).expanduser().resolve().parent
+        if out_dir.exists() and not os.access(out_dir, os.W_OK):
+            raise UsageError(f"--summary-json {args.summary_json}: folder is not writable")
+    try:
+        s = launch(cfg)
+    except TrainingFailed as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    print_summary(s)
+    if args.summary_json:
+        write_json(args.summary_json, s)
+    return 0
+
+
+run = cli_entry(main)
+
+if __name__ == "__main__":
+    run()
