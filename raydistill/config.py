@@ -82,6 +82,7 @@ class TrainConfig:
     preset: str | None = None
     log_every: int = 0
     fault: str | None = None  # testing only: "kill:EPOCH:RANK:MARKER" kills that worker once
+    debug_dump: str | None = None  # testing only: each rank writes weight digests here at the end
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -188,6 +189,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-failures", type=nonneg_int, help="worker-group restarts Ray Train may do (default 0)")
     g.add_argument("--test-attacks", help="final test attacks (default clean,fgsm,pgd20)")
     g.add_argument("--summary-json", help="write the run's summary JSON here")
+    # testing aids, not shown in --help
+    p.add_argument("--fault", help=argparse.SUPPRESS)
+    p.add_argument("--debug-dump", help=argparse.SUPPRESS)
 
 
 def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = None) -> TrainConfig:
@@ -214,7 +218,7 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
         "dataset", "data_dir", "download", "val_size", "student", "peer", "teacher", "teacher_arch",
         "natural_teacher", "natural_teacher_arch", "epochs", "batch_size", "lr", "weight_decay", "swa_start",
         "seed", "eps", "step_size", "attack_steps", "precision", "workers", "gpus_per_worker", "preset",
-        "tracking_uri", "experiment", "storage_path", "max_failures", "name")}
+        "tracking_uri", "experiment", "storage_path", "max_failures", "name", "fault", "debug_dump")}
     settings.update({k: v for k, v in flags.items() if v is not None and v is not False})
     if getattr(args, "lr_milestones", None):
         settings["lr_milestones"] = _int_list(args.lr_milestones, "--lr-milestones")
@@ -235,6 +239,8 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
             raise UsageError(f"--set {name}: {method} has no hyperparameter '{name}'; it has: {known}")
         hp[name] = value
     cfg.hp = {k: coerce_hparam(method, k, v, cls.hparams[k], cls.choices.get(k)) for k, v in hp.items()}
+    if cfg.swa_start == "first_decay":  # PeerAiD / AKD²: average from the first learning-rate decay
+        cfg.swa_start = min(cfg.lr_milestones) if cfg.lr_milestones else None
     validate(cfg)
     cls.validate_config(cfg)
     return cfg

@@ -121,6 +121,9 @@ class RaySession:
 
 def train_worker(config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress line says enough
     Trainer(TrainConfig.from_dict(config), RaySession()).run()
 
 
@@ -172,11 +175,14 @@ class Trainer:
                 wrapped[spec.name] = raw[spec.name] = m
         self.nets = Nets(wrapped, raw, self.specs)
         self.trainable = [sp.name for sp in self.specs if sp.trainable]
+        self.students = [n for n in self.trainable if n.startswith("student")]
+        self.selected = self.students[0]  # the most robust student (several with CAT-AKA)
         self.optimizers = {n: torch.optim.SGD(raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                               weight_decay=cfg.weight_decay) for n in self.trainable}
         self.swa = (torch.optim.swa_utils.AveragedModel(raw["student"])
-                    if cfg.swa_start is not None else None)
-        self.start_epoch, self.best, self.history = 0, {"pgd10": -1.0, "epoch": -1, "state_dict": None}, []
+                    if cfg.swa_start is not None and "student" in raw else None)
+        self.start_epoch, self.history = 0, []
+        self.best = {"pgd10": -1.0, "epoch": -1, "student": self.selected, "state_dict": None}
         self.restore(s.load_checkpoint())
         self.per_worker_batch = max(1, cfg.batch_size // s.world_size)
         self.logger = None
@@ -196,6 +202,7 @@ class Trainer:
             self.swa.load_state_dict(state["swa"])
         self.start_epoch = int(state["epoch"])
         self.best = state["best"]
+        self.selected = self.best.get("student", self.selected)
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_tuple(state["rng"]["python"]))
@@ -251,6 +258,15 @@ class Trainer:
         out["train/epoch_time_s"] = elapsed
         return out
 
+    def sync_buffers(self) -> None:
+        """BatchNorm statistics from rank 0 to every rank, so all ranks validate and save one model
+        (DDP keeps parameters identical; running statistics drift with each rank's batches)."""
+        if self.s.world_size == 1 or not dist.is_initialized():
+            return
+        for n in self.trainable:
+            for b in self.nets.raw(n).buffers():
+                dist.broadcast(b.data, src=0)
+
     def maybe_fault(self, epoch: int, i: int, n_batches: int) -> None:
         """Testing hook (cfg.fault = 'kill:EPOCH:RANK:MARKER'): SIGKILL this worker once, mid-epoch."""
         if not self.cfg.fault or i != n_batches // 2:
@@ -277,8 +293,16 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         d = self.data
-        student = self.nets.raw("student")
-        out = self.robust_eval(student, d.val_x, d.val_y, ["clean", "pgd10"], "val/")
+        if len(self.students) == 1:
+            out = self.robust_eval(self.nets.raw(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
+        else:  # every student reported; the most robust one is selected
+            out = {}
+            for n in self.students:
+                out.update(self.robust_eval(self.nets.raw(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
+            self.selected = max(self.students, key=lambda n: out[f"val/{n}_pgd10_acc"])
+            out["val/clean_acc"] = out[f"val/{self.selected}_clean_acc"]
+            out["val/pgd10_acc"] = out[f"val/{self.selected}_pgd10_acc"]
+            out["val/selected_student"] = float(self.students.index(self.selected))
         if self.swa is not None and self.swa.n_averaged.item() > 0:
             out.update(self.robust_eval(self.swa.module, d.val_x, d.val_y, ["clean", "pgd10"], "val/swa_"))
         out.update(self.diagnostics())
@@ -331,7 +355,7 @@ class Trainer:
     def meta(self) -> dict:
         cfg = self.cfg
         return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps,
-                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.name}
+                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.name, "student": self.best["student"]}
 
     def write_checkpoint(self, epoch_done: int, directory: str) -> None:
         d, cfg = self.data, self.cfg
@@ -348,10 +372,11 @@ class Trainer:
         }
         atomic_save(state, Path(directory) / STATE_FILE)
         meta = dict(self.meta(), epoch=self.best["epoch"], val_pgd10_acc=self.best["pgd10"])
-        best = self.best["state_dict"] or state["nets"]["student"]
-        atomic_save({**model_record(self.nets.raw("student"), cfg.student, d.num_classes, d.in_shape, meta),
+        best = self.best["state_dict"] or state["nets"][self.selected]
+        student = self.nets.raw(self.selected)
+        atomic_save({**model_record(student, cfg.student, d.num_classes, d.in_shape, meta),
                      "state_dict": best}, Path(directory) / MODEL_FILE)
-        atomic_save(model_record(self.nets.raw("student"), cfg.student, d.num_classes, d.in_shape,
+        atomic_save(model_record(student, cfg.student, d.num_classes, d.in_shape,
                                  dict(self.meta(), epoch=epoch_done - 1)), Path(directory) / LAST_MODEL_FILE)
 
     # ------------------------------------------------------------------ run
@@ -360,13 +385,14 @@ class Trainer:
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             metrics = self.train_epoch(epoch)
+            self.sync_buffers()
             if self.swa is not None and epoch >= cfg.swa_start:
                 self.swa.update_parameters(self.nets.raw("student"))
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
             if metrics["val/pgd10_acc"] > self.best["pgd10"]:
-                self.best = {"pgd10": metrics["val/pgd10_acc"], "epoch": epoch,
-                             "state_dict": _cpu(self.nets.raw("student").state_dict())}
+                self.best = {"pgd10": metrics["val/pgd10_acc"], "epoch": epoch, "student": self.selected,
+                             "state_dict": _cpu(self.nets.raw(self.selected).state_dict())}
             metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1,
                             "val/best_pgd10_acc": self.best["pgd10"]})
             self.history.append(metrics)
@@ -378,6 +404,28 @@ class Trainer:
                 self.logger.log_epoch(epoch, metrics)
         if self.start_epoch >= cfg.epochs:  # relaunched after completion: just the test figures again
             self.report(dict(self.history[-1], **self.test()))
+        if cfg.debug_dump:
+            self.dump_weights(cfg.debug_dump)
+
+    def dump_weights(self, folder: str) -> None:
+        """Testing aid: each rank writes a digest of every trained network's weights."""
+        import hashlib
+        import json
+
+        def digest(tensors) -> str:
+            h = hashlib.sha256()
+            for k, v in tensors:
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            return h.hexdigest()
+
+        digests = {}
+        for n in self.trainable:
+            digests[n] = digest(self.nets.raw(n).named_parameters())
+            digests[f"{n}.buffers"] = digest(self.nets.raw(n).named_buffers())
+        digests["ddp"] = {n: type(self.nets.__getattr__(n)).__name__ for n in self.trainable}
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, f"rank{self.s.rank}.json").write_text(json.dumps(digests))
 
     def report(self, metrics: dict) -> None:
         """Checkpoint (rank 0 writes it) and report; the test figures, if present, go to MLflow."""
@@ -391,7 +439,7 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test-split figures of the best-PGD-10 student (and of the averaged student)."""
         cfg, d = self.cfg, self.data
-        model = copy.deepcopy(self.nets.raw("student"))
+        model = copy.deepcopy(self.nets.raw(self.best["student"]))
         if self.best["state_dict"] is not None:
             model.load_state_dict(self.best["state_dict"])
         model.eval()

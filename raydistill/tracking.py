@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -110,6 +111,39 @@ def log_checkpoint(uri: str, run_id: str, checkpoint_dir: str) -> None:
         path = os.path.join(checkpoint_dir, fname)
         if os.path.exists(path):
             c.log_artifact(run_id, path, artifact_path=sub)
+
+
+def log_curves(uri: str, run_id: str) -> None:
+    """Per-epoch curves of the validation metrics and diagnostics, as plots/curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = client(uri)
+    keys = sorted(k for k in c.get_run(run_id).data.metrics if k.startswith("val/") and "best" not in k
+                  and k != "val/selected_student")
+    if not keys:
+        return
+    acc = [k for k in keys if k.endswith("_acc")]
+    other = [k for k in keys if k not in acc]
+    panels = [p for p in (acc, other) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], panels):
+        for k in group:
+            hist = sorted(c.get_metric_history(run_id, k), key=lambda m: m.step)
+            ax.plot([m.step + 1 for m in hist], [m.value for m in hist], marker="o", ms=3, label=k[4:])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if group is acc else "value")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(c.get_run(run_id).info.run_name or run_id)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "curves.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        c.log_artifact(run_id, path, artifact_path="plots")
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

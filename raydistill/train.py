@@ -80,6 +80,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         raise TrainingFailed(reason) from exc
     if checkpoint:
         tracking.log_checkpoint(cfg.tracking_uri, cfg.mlflow_run_id, checkpoint)
+    tracking.log_curves(cfg.tracking_uri, cfg.mlflow_run_id)
     tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, "FINISHED")
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 

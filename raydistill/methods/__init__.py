@@ -1,21 +1,42 @@
-"""Registry of methods: name -> Method class (see base.py for the interface)."""
+"""Registry of methods: name -> Method class (see base.py for the interface).
+
+Every module in this package is imported, and each Method subclass with a ``name`` is registered:
+adding a method is adding one small file.
+"""
 from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
 
 from ..registry import Registry
 from .base import HP, Method, NetSpec, Nets, StepContext
-from .baselines import PGDAT, TRADES, Natural
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (Natural, PGDAT, TRADES):
-    METHODS.add(_cls.name, _cls)
 
-# The contract's method names, in its order; the ones not registered yet are listed but refused.
-ALL_METHOD_NAMES = ("natural", "pgd_at", "trades", "ard", "rslad", "akd2", "iad1", "iad2", "adaad",
-                    "adaiad", "peeraid", "at_aka", "cat_aka")
+# The contract's order, used for listing.
+ORDER = ("natural", "pgd_at", "trades", "ard", "rslad", "akd2", "iad1", "iad2", "adaad", "adaiad",
+         "peeraid", "at_aka", "cat_aka")
+
+
+def _discover() -> None:
+    found: dict[str, type[Method]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, Method) and obj.name and obj.__module__ == module.__name__:
+                found[obj.name] = obj
+    for name in sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+        METHODS.add(name, found[name])
+
+
+_discover()
 
 
 def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-__all__ = ["METHODS", "ALL_METHOD_NAMES", "get_method", "Method", "NetSpec", "Nets", "HP", "StepContext"]
+__all__ = ["METHODS", "get_method", "Method", "NetSpec", "Nets", "HP", "StepContext"]

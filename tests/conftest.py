@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests run on the CPU; each gets its own MLflow store and run folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A folder with runs/ and an MLflow sqlite store."""
+    (tmp_path / "runs").mkdir()
+    return tmp_path
+
+
+def run_args(workdir: Path, name: str) -> list[str]:
+    return ["--storage-path", str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db",
+            "--name", name, "--summary-json", str(workdir / f"{name}.json")]
+
+
+def cli(module: str, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m raydistill.<module> args`` as a user would."""
+    return subprocess.run([sys.executable, "-m", f"raydistill.{module}", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO), env={**os.environ, **(env or {})})
+
+
+def summary(workdir: Path, name: str) -> dict:
+    return json.loads((workdir / f"{name}.json").read_text())
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

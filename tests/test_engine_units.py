@@ -1,0 +1,132 @@
+"""Fast checks of the engine's pieces: schedules, config resolution, losses, learning rates, checkpoints."""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+
+import pytest
+import torch
+
+from raydistill import checkpoint, losses
+from raydistill.config import PRESETS, TrainConfig, add_run_options, build_config
+from raydistill.engine import lr_at
+from raydistill.errors import UsageError
+from raydistill.schedules import Schedule, parse_schedule, value_at
+
+
+def args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--name")
+    add_run_options(p)
+    return p.parse_args(list(argv))
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_schedules_parse_and_evaluate():
+    assert parse_schedule("0.5") == 0.5
+    lin = parse_schedule("linear(0, 1, 2, 6)")
+    assert [lin(e) for e in (0, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    st = parse_schedule("step(1,0.1,40)")
+    assert (st(39.99), st(40)) == (1.0, 0.1)
+    assert parse_schedule({"kind": "linear", "start": 0, "end": 2, "from": 0, "to": 4})(1) == 0.5
+    assert parse_schedule(st.to_dict()) == st and parse_schedule(str(lin)) == lin
+    assert value_at(3.0, 10) == 3.0
+
+
+@pytest.mark.parametrize("bad", ["abc", "linear(0,1,5,2)", "linear(0,1)", "__import__('os')", "nan", True,
+                                 {"kind": "cosine"}])
+def test_bad_schedules_are_usage_errors(bad):
+    with pytest.raises(UsageError):
+        parse_schedule(bad, "beta")
+
+
+# ----------------------------------------------------------------------------- config path
+def test_config_precedence_defaults_preset_flags_set():
+    cfg = build_config("trades", args("--dataset", "digits", "--set", "beta=2", "--epochs", "3"))
+    assert cfg.hp["beta"] == 2.0 and cfg.epochs == 3 and cfg.student == "small_cnn"
+    assert cfg.eps == pytest.approx(0.1) and cfg.hp["kl_reduction"] == "batchmean"
+    q = build_config("pgd_at", args("--preset", "quickstart"))
+    assert q.dataset == "digits" and q.epochs == PRESETS["quickstart"]["epochs"]
+    assert build_config("pgd_at", args("--preset", "quickstart", "--epochs", "2")).epochs == 2
+    sched = build_config("trades", args("--set", "beta=linear(0,6,0,5)")).hp["beta"]
+    assert isinstance(sched, Schedule) and sched(5) == 6
+    assert build_config("natural", args("--workers", "0")).in_process
+
+
+def test_config_round_trips_through_dict():
+    cfg = build_config("trades", args("--set", "beta=step(1,6,2)"))
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again.hp == cfg.hp and again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--set", "gamma=1"], "has no hyperparameter 'gamma'"),
+    (["--set", "beta=abc"], "beta='abc'"),
+    (["--set", "kl_reduction=sum"], "must be one of batchmean, mean"),
+    (["--set", "novalue"], "NAME=VALUE"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--student", "resnet9"], "unknown model 'resnet9'"),
+    (["--preset", "fast"], "unknown preset 'fast'"),
+    (["--eps", "2"], "pixel scale"),
+    (["--teacher", "/nonexistent/ckpt"], "does not exist"),
+    (["--lr-milestones", "a,b"], "--lr-milestones"),
+])
+def test_config_errors_name_the_bad_value(argv, needle):
+    with pytest.raises(UsageError, match=None) as exc:
+        build_config("trades", args(*argv))
+    assert needle in str(exc.value)
+
+
+def test_lr_piecewise_decay():
+    cfg = TrainConfig(lr=0.1, lr_milestones=[2, 4])
+    assert [round(lr_at(cfg, e), 6) for e in range(6)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+# ----------------------------------------------------------------------------- losses
+def test_kl_matches_hand_computation_and_reductions():
+    p = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    q = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    tau = 2.0
+    ps, qs = torch.softmax(p / tau, 1), torch.softmax(q / tau, 1)
+    per = (ps * (ps.log() - qs.log())).sum(1)
+    assert losses.kl(p, q, tau, "batchmean").item() == pytest.approx(per.mean().item(), rel=1e-6)
+    assert losses.kl(p, q, tau, "mean").item() == pytest.approx(per.mean().item() / 3, rel=1e-6)
+    w = torch.tensor([0.25, 1.0])
+    assert losses.kl(p, q, tau, "batchmean", w).item() == pytest.approx((per * w).mean().item(), rel=1e-6)
+    assert losses.kl_to_probs(ps, q, tau).item() == pytest.approx(per.mean().item(), rel=1e-6)
+    y = torch.tensor([0, 2])
+    ce = -(torch.log_softmax(q, 1)[[0, 1], y]).mean()
+    assert losses.ce(q, y).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    checkpoint.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.safe_load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as fh:
+        torch.save({"state_dict": _Evil()}, fh, pickle_module=pickle)
+    with pytest.raises(UsageError, match="refused by the safe loader"):
+        checkpoint.safe_load(bad)
+    assert not (tmp_path / "PWNED").exists()

@@ -1,0 +1,88 @@
+"""End-to-end training runs on digits, as a user runs them (subprocess, real Ray, real MLflow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import assert_one_error_line, cli, run_args, summary
+
+pytestmark = pytest.mark.slow
+
+
+def history(workdir, run_id: str, key: str = "val/pgd10_acc") -> list[int]:
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    return sorted(m.step for m in c.get_metric_history(run_id, key))
+
+
+def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
+    """Issue 3's acceptance run: PGD-AT under DDP on 2 CPU workers (gloo)."""
+    nat = cli("train", "natural", "--dataset", "digits", "--workers", "0", *run_args(workdir, "nat"))
+    assert nat.returncode == 0, nat.stderr[-3000:]
+    adv = cli("train", "pgd_at", "--dataset", "digits", "--student", "small_cnn", "--workers", "2",
+              "--debug-dump", str(workdir / "dump"), *run_args(workdir, "adv"))
+    assert adv.returncode == 0, adv.stderr[-3000:]
+    n, a = summary(workdir, "nat")["metrics"], summary(workdir, "adv")
+    print(f"natural: {n}\npgd_at (2 workers): {a['metrics']} in {a['wall_time_s']}s")
+    assert a["metrics"]["clean_acc"] >= 0.80
+    assert a["metrics"]["pgd20_acc"] >= n["pgd20_acc"] + 0.30
+    assert a["epochs_completed"] == 15 and history(workdir, a["mlflow_run_id"]) == list(range(15))
+    r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["ddp"]["student"] == "DistributedDataParallel"
+    assert r0["student"] == r1["student"] and r0["student.buffers"] == r1["student.buffers"]
+    assert "epoch 15/15" in adv.stdout + adv.stderr
+
+
+def test_killed_worker_is_restarted_and_nothing_is_lost(workdir):
+    marker = workdir / "killed"
+    proc = cli("train", "pgd_at", "--dataset", "digits", "--workers", "2", "--epochs", "3", "--max-failures", "2",
+               "--fault", f"kill:1:1:{marker}", *run_args(workdir, "kill"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists(), "the worker was never killed"
+    s = summary(workdir, "kill")
+    assert s["epochs_completed"] == 3
+    assert history(workdir, s["mlflow_run_id"]) == [0, 1, 2]  # no epoch missing or repeated
+    assert "resumed from epoch 1" in proc.stdout + proc.stderr
+
+
+def test_in_process_and_one_ray_worker_give_identical_metrics(workdir):
+    common = ["natural", "--dataset", "digits", "--epochs", "2", "--seed", "3"]
+    a = cli("train", *common, "--workers", "0", *run_args(workdir, "local"))
+    b = cli("train", *common, "--workers", "1", *run_args(workdir, "ray1"))
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr[-2000:], b.stderr[-2000:])
+    assert summary(workdir, "local")["metrics"] == summary(workdir, "ray1")["metrics"]
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    ids = [summary(workdir, n)["mlflow_run_id"] for n in ("local", "ray1")]
+    for key in ("val/clean_acc", "val/pgd10_acc", "train/loss_ce"):
+        h = [[m.value for m in sorted(c.get_metric_history(i, key), key=lambda m: m.step)] for i in ids]
+        assert h[0] == h[1], key
+
+
+def test_relaunch_with_same_name_resumes_in_process(workdir):
+    first = cli("train", "natural", "--dataset", "digits", "--workers", "0", "--epochs", "2", *run_args(workdir, "r"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli("train", "natural", "--dataset", "digits", "--workers", "0", "--epochs", "3", *run_args(workdir, "r"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from epoch 2" in again.stdout
+    s = summary(workdir, "r")
+    assert s["epochs_completed"] == 3 and history(workdir, s["mlflow_run_id"]) == [0, 1, 2]
+    ev = cli("evaluate", s["checkpoint"], "--attacks", "clean", "--summary-json", str(workdir / "ev.json"))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((workdir / "ev.json").read_text())["metrics"]["clean_acc"] == pytest.approx(
+        s["metrics"]["clean_acc"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["nosuch"], "unknown method 'nosuch'"),
+    (["natural", "--workers", "-1"], "--workers"),
+    (["natural", "--epochs", "-1"], "--epochs"),
+    (["natural", "--epochs", "0"], "--epochs"),
+    (["trades", "--set", "gamma=1"], "no hyperparameter 'gamma'"),
+    (["trades", "--set", "beta=lots"], "beta='lots'"),
+    (["pgd_at", "--set", "bn_mode=3"], "must be one of eval, train"),
+])
+def test_bad_train_input_is_one_error_line_and_no_mlflow_run(workdir, argv, needle):
+    proc = cli("train", *argv, "--dataset", "digits", *run_args(workdir, "bad"), timeout=120)
+    assert_one_error_line(proc, needle)
+    assert not (workdir / "mlflow.db").exists() and not any((workdir / "runs").iterdir())
