@@ -70,6 +70,7 @@ class TrainConfig:
     precision: str = "fp32"
     workers: int = 1
     gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
     in_process: bool = False
     threads: int | None = None
     max_failures: int = 0
@@ -151,7 +152,7 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the CLI options
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by train and tune (the contract's list plus extensions)."""
-    from .cli import nonneg_float, nonneg_int, positive_int
+    from .cli import nonneg_float, nonneg_int, positive_float, positive_int
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default digits)")
@@ -181,6 +182,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scaling and tracking")
     g.add_argument("--workers", type=nonneg_int, help="Ray Train workers (default 1; 0 = in-process, no Ray)")
     g.add_argument("--gpus-per-worker", type=nonneg_float, help="default: 1 if a GPU is present, else 0")
+    g.add_argument("--cpus-per-worker", type=positive_float, help="CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast with losses in fp32")
     g.add_argument("--preset", help=f"named settings: {', '.join(PRESETS)}")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own default)")
@@ -217,7 +219,7 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
     flags = {k: getattr(args, k, None) for k in (
         "dataset", "data_dir", "download", "val_size", "student", "peer", "teacher", "teacher_arch",
         "natural_teacher", "natural_teacher_arch", "epochs", "batch_size", "lr", "weight_decay", "swa_start",
-        "seed", "eps", "step_size", "attack_steps", "precision", "workers", "gpus_per_worker", "preset",
+        "seed", "eps", "step_size", "attack_steps", "precision", "workers", "gpus_per_worker", "cpus_per_worker", "preset",
         "tracking_uri", "experiment", "storage_path", "max_failures", "name", "fault", "debug_dump")}
     settings.update({k: v for k, v in flags.items() if v is not None and v is not False})
     if getattr(args, "lr_milestones", None):

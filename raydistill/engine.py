@@ -53,6 +53,7 @@ class LocalSession:
 
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
+        self.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.final_metrics: dict[str, Any] = {}
         self.checkpoint_path: str | None = None
@@ -90,6 +91,7 @@ class RaySession:
     """Inside a Ray Train worker: DDP via prepare_model, checkpoints via ray.train.report."""
 
     def __init__(self):
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -97,6 +99,7 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world_size = ctx.get_local_world_size()
         self.device = ray.train.torch.get_device()
+        self.cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
     def prepare(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -123,7 +126,8 @@ def train_worker(config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``."""
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress line says enough
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.train")] + ["ray.train"]:
+        logging.getLogger(name).setLevel(logging.WARNING)  # our own progress line says enough
     Trainer(TrainConfig.from_dict(config), RaySession()).run()
 
 
@@ -149,8 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg, s = self.cfg, self.s
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(cfg.threads or max(1, cores // max(1, s.local_world_size)))
+        torch.set_num_threads(cfg.threads or s.cpus)  # exactly the CPUs this worker holds: no oversubscription
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = s.device

@@ -3,8 +3,8 @@
 * The driver resolves the tracking URI (``--tracking-uri``, else MLflow's own default:
   MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one, creates the experiment once
   (concurrent sqlite writers can lock) and the run, and passes the run id to the workers.
-* A relaunch with the same ``--name`` reuses the unfinished run with that name instead of
-  starting a second one.
+* A relaunch with the same ``--name`` continues the run with that name instead of starting a
+  second one (a resumed run, or a finished one given more epochs).
 * Rank 0 logs per-epoch metrics with the epoch as the step, exactly once per epoch (``backfill``).
 """
 from __future__ import annotations
@@ -85,9 +85,8 @@ def start_run(cfg, parent_run_id: str | None = None) -> str:
     exp = experiment_id(c, cfg.experiment)
     found = c.search_runs([exp], filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}'", max_results=5,
                           order_by=["attributes.start_time DESC"])
-    reusable = [r for r in found if r.info.status != "FINISHED"]
-    if reusable:
-        run_id = reusable[0].info.run_id
+    if found:  # a relaunch of the same --name continues its run (resume, or more epochs)
+        run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id
     tags = run_tags(cfg)

@@ -93,11 +93,13 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     from .engine import train_worker
 
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold progress lines that differ only in numbers
         ray.init(logging_level="ERROR", log_to_driver=not quiet)
     gpus = cfg.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0
-    resources = {"CPU": 1.0}
+    cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
+    resources = {"CPU": float(cpus)}
     if gpus:
         resources["GPU"] = gpus
     trainer = TorchTrainer(

@@ -1,0 +1,340 @@
+"""``python -m raydistill.tune METHOD [options]``: a resumable hyperparameter search.
+
+Ray Tune runs one trial per hyperparameter sample; each trial is a function that runs the method's
+TorchTrainer to completion (the Ray Train V2 pattern, metrics forwarded by TuneReportCallback).
+OptunaSearch (seeded multivariate TPE, or random, or a multi-objective clean/robust search) proposes
+samples from search_spaces/METHOD.yaml; ASHA stops weak trials early on val/pgd10_acc.
+MLflow: one parent run per search, one child run per trial (created by the trial's own launch).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import ArgParser, nonneg_float, positive_int
+from .config import TrainConfig, add_run_options, build_config, coerce_hparam, storage_path
+from .errors import UsageError, cli_entry
+
+METRIC = "val/pgd10_acc"
+OBJECTIVES = {"robust": "val/pgd10_acc", "clean": "val/clean_acc"}
+# --preset quickstart: digits + small_cnn, 8 trials, 2 at a time: minutes on a 2-core machine
+TUNE_PRESETS = {"quickstart": dict(num_samples=8, max_concurrent=2, grace_period=2, top_k=1, aa_n_examples=100)}
+
+
+def parser() -> ArgParser:
+    p = ArgParser(prog="python -m raydistill.tune", description="Search a method's hyperparameters with Ray Tune + Optuna.")
+    p.add_argument("method", help="method name (see python -m raydistill.train --list)")
+    p.add_argument("--name", help="search name (default tune-METHOD-DATASET-TIME); --resume continues it")
+    add_run_options(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--num-samples", type=positive_int, help="trials (default 8)")
+    g.add_argument("--max-concurrent", type=positive_int, help="trials at once (default 2)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    g.add_argument("--search-space", help="YAML file (default search_spaces/METHOD.yaml)")
+    g.add_argument("--objectives", default="robust", help="robust (val/pgd10_acc) or clean,robust for a Pareto search")
+    g.add_argument("--search", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe, multivariate, seeded)")
+    g.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha on val/pgd10_acc)")
+    g.add_argument("--grace-period", type=positive_int, help="ASHA's minimum epochs per trial (default 2)")
+    g.add_argument("--gpus-per-trial", type=nonneg_float, help="GPUs per trial, split over its workers (0.5 packs two trials on a GPU)")
+    g.add_argument("--top-k", type=int, help="AutoAttack on the k best trials at the end (default 1; 0 = none)")
+    g.add_argument("--aa-n-examples", type=positive_int, help="test images for AutoAttack (default 1000)")
+    return p
+
+
+# ============================================================================= one trial
+def run_trial(config: dict, *, base: dict, space_path: str, parent_run_id: str, search: str) -> None:
+    """The Tune function: one TorchTrainer run with this trial's hyperparameters."""
+    import optuna
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from . import search_space
+    from .train import launch
+
+    cfg = TrainConfig.from_dict(base)
+    space = search_space.load(cfg.method, space_path)
+    apply_hparams(cfg, {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))})
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.name = f"{search}-{trial_id}"
+    cfg.storage_path = os.path.join(cfg.storage_path, search, "trials")
+    launch(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], quiet=False)
+
+
+def apply_hparams(cfg: TrainConfig, values: dict[str, Any]) -> None:
+    from .methods import get_method
+    from .search_space import TUNABLE_SETTINGS, resolve_fractions
+
+    cls = get_method(cfg.method)
+    for k, v in values.items():
+        if k in cls.hparams:
+            cfg.hp[k] = coerce_hparam(cfg.method, k, resolve_fractions(v, cfg.epochs), cls.hparams[k], cls.choices.get(k))
+        else:  # a training setting (lr, weight_decay)
+            setattr(cfg, k, float(coerce_hparam(cfg.method, k, v, TUNABLE_SETTINGS[k], None)))
+
+
+# ============================================================================= the driver
+def parse_objectives(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in OBJECTIVES for n in names) or len(set(names)) != len(names):
+        raise UsageError(f"--objectives {text!r}; choose robust, or clean,robust for a Pareto search")
+    return [OBJECTIVES[n] for n in names]
+
+
+def make_searcher(space, objectives: list[str], kind: str, seed: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if kind == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=4)
+
+    metric = objectives[0] if len(objectives) == 1 else objectives
+    mode = "max" if len(objectives) == 1 else ["max"] * len(objectives)
+    return OptunaSearch(space=functools.partial(_define_by_run, space=space), metric=metric, mode=mode, sampler=sampler)
+
+
+def _define_by_run(trial, *, space) -> None:
+    """Optuna define-by-run (module level so the searcher can be pickled for --resume)."""
+    space.sample(trial)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import search_space, tracking
+    from .train import preflight, write_json
+
+    args = parser().parse_args(argv)
+    cfg = build_config(args.method, args)
+    extra = TUNE_PRESETS.get(args.preset or "", {})
+    num_samples = args.num_samples or extra.get("num_samples", 8)
+    max_concurrent = args.max_concurrent or extra.get("max_concurrent", 2)
+    grace = args.grace_period or extra.get("grace_period", 2)
+    top_k = extra.get("top_k", 1) if args.top_k is None else args.top_k
+    if top_k < 0:
+        raise UsageError(f"--top-k {top_k} must be >= 0")
+    aa_n = args.aa_n_examples or extra.get("aa_n_examples", 1000)
+    objectives = parse_objectives(args.objectives)
+    if args.scheduler == "asha" and grace > cfg.epochs:
+        raise UsageError(f"--grace-period {grace} is longer than --epochs {cfg.epochs}")
+    space = search_space.load(args.method, args.search_space)
+    if args.gpus_per_trial is not None:
+        cfg.gpus_per_worker = args.gpus_per_trial / cfg.workers
+    if cfg.in_process:
+        raise UsageError("--workers 0 (in-process) is not available for tune: each trial is a Ray Train run; give --workers >= 1")
+    name = args.name or f"tune-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or name.startswith("."):
+        raise UsageError(f"--name {name!r} must be a plain folder name")
+    root = storage_path(cfg.storage_path)
+    exp_path = os.path.join(root, name)
+    cfg.storage_path = root
+    from ray import tune
+
+    if args.resume:
+        if not tune.Tuner.can_restore(exp_path):
+            raise UsageError(f"--resume: no search named '{name}' under {root}; give the --name and --storage-path of the interrupted search")
+    elif os.path.exists(exp_path):
+        raise UsageError(f"a search named '{name}' already exists under {root}; add --resume to continue it or choose another --name")
+    preflight(cfg)
+    cfg.tracking_uri = tracking.resolve_uri(cfg.tracking_uri)
+    tracking.check_reachable(cfg.tracking_uri)
+    parent = start_parent(cfg, name, space, num_samples, args)
+    t0 = time.time()
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold progress lines that differ only in numbers
+        ray.init(logging_level="ERROR")
+    if cfg.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
+        cfg.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1) // (max_concurrent * cfg.workers)))
+    trainable = tune.with_resources(
+        functools.partial(run_trial, base=cfg.to_dict(), space_path=str(space.path), parent_run_id=parent, search=name),
+        {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
+    try:
+        if args.resume:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            scheduler = None
+            if args.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=cfg.epochs,
+                                          grace_period=grace, reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=make_searcher(space, objectives, args.search, cfg.seed),
+                                            scheduler=scheduler, num_samples=num_samples,
+                                            max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        tracking.end_run(cfg.tracking_uri, parent, "KILLED")
+        raise
+    trials = collect(grid, cfg, parent)
+    if top_k:
+        run_autoattack(trials, cfg, top_k, aa_n)
+    s = tune_summary(cfg, name, parent, trials, objectives, time.time() - t0, args)
+    finish_parent(cfg, parent, s)
+    print_table(s)
+    if args.summary_json:
+        write_json(args.summary_json, s)
+    return 0
+
+
+def start_parent(cfg: TrainConfig, name: str, space, num_samples: int, args) -> str:
+    from . import tracking
+
+    c = tracking.client(cfg.tracking_uri)
+    exp = tracking.experiment_id(c, cfg.experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}' and tags.`raydistill.kind` = 'search'",
+                          max_results=1)
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {tracking.NAME_TAG: name, "raydistill.kind": "search", "method": cfg.method, "dataset": cfg.dataset,
+            "arch": cfg.student, "seed": str(cfg.seed), "mlflow.runName": name}
+    run = c.create_run(exp, tags=tags, run_name=name)
+    for k, v in {"search_space": str(space.path), "num_samples": num_samples, "search": args.search,
+                 "scheduler": args.scheduler, "objectives": args.objectives, "epochs": cfg.epochs,
+                 "method": cfg.method, "dataset": cfg.dataset, "student": cfg.student}.items():
+        c.log_param(run.info.run_id, k, str(v))
+    c.log_artifact(run.info.run_id, str(space.path), artifact_path="search_space")
+    return run.info.run_id
+
+
+def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
+    """One row per trial, with its MLflow child run; runs of early-stopped trials are closed."""
+    from . import tracking
+
+    c = tracking.client(cfg.tracking_uri)
+    exp = tracking.experiment_id(c, cfg.experiment)
+    children = {r.data.tags.get(tracking.NAME_TAG): r for r in
+                c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
+    rows = []
+    for res in grid:
+        m = res.metrics or {}
+        trial_id = m.get("trial_id") or (res.path and Path(res.path).name.split("_")[-2])
+        run = next((r for n, r in children.items() if n and n.endswith(str(trial_id))), None)
+        status = "ERROR" if res.error else ("COMPLETED" if "test/clean_acc" in m else "STOPPED")
+        if run is not None and run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "stopped_early", "asha" if status == "STOPPED" else status.lower())
+            c.set_terminated(run.info.run_id, status="KILLED" if status == "STOPPED" else "FAILED")
+        params = {k: v for k, v in (res.config or {}).items()}
+        rows.append({
+            "trial_id": str(trial_id), "status": status, "params": params,
+            "epochs_completed": int(m.get("epochs_completed", 0)),
+            "mlflow_run_id": run.info.run_id if run else None,
+            "checkpoint": m.get("checkpoint_path"),
+            "error": _one_line(res.error) if res.error else None,
+            "metrics": {k.replace("/", "_"): v for k, v in m.items()
+                        if isinstance(v, (int, float)) and (k.startswith("test/") or k in ("val/pgd10_acc", "val/clean_acc", "val/best_pgd10_acc"))},
+        })
+    return rows
+
+
+def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None:
+    """AutoAttack (standard) on the k best completed trials' checkpoints; written to their runs."""
+    import ray
+
+    from . import tracking
+
+    done = [t for t in trials if t["status"] == "COMPLETED" and t["checkpoint"]]
+    done.sort(key=lambda t: t["metrics"].get("val_best_pgd10_acc", 0.0), reverse=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    for t in done[:k]:
+        acc = ray.get(_aa_task.options(num_gpus=gpus).remote(t["checkpoint"], n))
+        t["metrics"]["test_aa_acc"] = acc
+        if t["mlflow_run_id"]:
+            tracking.client(cfg.tracking_uri).log_metric(t["mlflow_run_id"], "test/aa_acc", acc)
+        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({n} test images): {acc:.4f}", flush=True)
+
+
+def _aa_remote(checkpoint: str, n: int) -> float:
+    import torch
+
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .evaluation import evaluate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, meta = load_model(checkpoint, device)
+    d = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"))
+    return evaluate(model, d.test_x[:n], d.test_y[:n], ["aa"], eps=meta["eps"], step_size=meta["step_size"],
+                    device=device)["aa_acc"]
+
+
+def __getattr__(name: str):  # the Ray task is created lazily so importing this module stays cheap
+    if name == "_aa_task":
+        import ray
+
+        task = ray.remote(num_cpus=1)(_aa_remote)
+        globals()["_aa_task"] = task
+        return task
+    raise AttributeError(name)
+
+
+def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str, Any]:
+    ok = [t for t in trials if t["status"] in ("COMPLETED", "STOPPED")]
+    key = objectives[0].replace("/", "_")
+    best = max(ok, key=lambda t: t["metrics"].get("val_best_pgd10_acc", t["metrics"].get(key, -1.0)), default=None)
+    pareto = []
+    if len(objectives) > 1:
+        pts = [(t["metrics"].get("val_clean_acc", 0), t["metrics"].get("val_pgd10_acc", 0), t) for t in ok]
+        pareto = [t["trial_id"] for a, b, t in pts if not any(a2 >= a and b2 >= b and (a2, b2) != (a, b) for a2, b2, _ in pts)]
+    return {"method": cfg.method, "dataset": cfg.dataset, "name": name, "mlflow_run_id": parent,
+            "tracking_uri": cfg.tracking_uri, "search": args.search, "scheduler": args.scheduler,
+            "objectives": objectives, "num_trials": len(trials),
+            "trial_epochs": sum(t["epochs_completed"] for t in trials),
+            "wall_time_s": round(wall, 1), "trials": trials, "best": best, "pareto_front": pareto}
+
+
+def finish_parent(cfg, parent: str, s: dict) -> None:
+    from . import tracking
+
+    c = tracking.client(cfg.tracking_uri)
+    c.log_metric(parent, "trial_epochs", s["trial_epochs"])
+    c.log_metric(parent, "num_trials", s["num_trials"])
+    if s["best"]:
+        c.set_tag(parent, "best_trial", s["best"]["trial_id"])
+        for k, v in s["best"]["metrics"].items():
+            c.log_metric(parent, f"best/{k}", v)
+    tracking.end_run(cfg.tracking_uri, parent, "FINISHED")
+
+
+def print_table(s: dict) -> None:
+    cols = ["trial", "status", "epochs", "val_pgd10", "clean", "pgd20", "aa", "params"]
+    rows = []
+    for t in s["trials"]:
+        m = t["metrics"]
+        f = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
+        params = " ".join(f"{k}={_short(v)}" for k, v in sorted(t["params"].items()))
+        rows.append([t["trial_id"], t["status"], str(t["epochs_completed"]), f("val_best_pgd10_acc"),
+                     f("test_clean_acc"), f("test_pgd20_acc"), f("test_aa_acc"), params])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
+    print("\n" + line(cols) + "\n" + "\n".join(line(r) for r in rows))
+    b = s["best"]
+    print(f"\n{s['num_trials']} trials, {s['trial_epochs']} trial-epochs, {s['wall_time_s']:.0f}s; "
+          f"best: {b['trial_id'] if b else '-'}; MLflow parent run {s['mlflow_run_id']}")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _one_line(err: Any) -> str:
+    text = str(err).strip().splitlines()
+    return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")[:500]
+
+
+run = cli_entry(main)
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,92 @@
+"""Hyperparameter search end to end: Ray Tune + Optuna + ASHA over TorchTrainer trials, MLflow runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, assert_one_error_line, cli
+
+pytestmark = pytest.mark.slow
+
+
+def tune_args(workdir, name: str) -> list[str]:
+    return ["--storage-path", str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db",
+            "--name", name, "--summary-json", str(workdir / f"{name}.json")]
+
+
+def children(workdir, parent: str) -> list:
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = c.get_experiment_by_name("raydistill")
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
+    t0 = time.time()
+    proc = cli("tune", "peeraid", "--preset", "quickstart", *tune_args(workdir, "q"), timeout=1200)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((workdir / "q.json").read_text())
+    print(f"quickstart peeraid search: {wall:.0f}s wall, {s['trial_epochs']} trial-epochs, best {s['best']['metrics']}")
+    assert s["num_trials"] == 8 and len({t["trial_id"] for t in s["trials"]}) == 8
+    runs = children(workdir, s["mlflow_run_id"])
+    assert len(runs) == 8 and {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert s["best"]["metrics"]["val_best_pgd10_acc"] > 0.3
+    assert "test_aa_acc" in s["best"]["metrics"]  # AutoAttack on the top trial, written back to its run
+    best_run = next(r for r in runs if r.info.run_id == s["best"]["mlflow_run_id"])
+    assert "test/aa_acc" in best_run.data.metrics
+
+
+def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
+    args = ["pgd_at", "--dataset", "digits", "--epochs", "3", "--num-samples", "4", "--max-concurrent", "2",
+            "--scheduler", "none", "--top-k", "0", *tune_args(workdir, "k")]
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.tune", *args], cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    db = workdir / "mlflow.db"
+    deadline = time.time() + 600
+    try:  # kill the driver once the first trial has finished and others are under way
+        while time.time() < deadline:
+            if db.exists():
+                c = MlflowClient(f"sqlite:///{db}")
+                exp = c.get_experiment_by_name("raydistill")
+                if exp and c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` != ''"):
+                    break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(2)
+        time.sleep(3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # what a user does after a crash
+    again = cli("tune", *args, "--resume", timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    s = json.loads((workdir / "k.json").read_text())
+    assert s["num_trials"] == 4 and len({t["trial_id"] for t in s["trials"]}) == 4
+    assert all(t["status"] == "COMPLETED" and t["epochs_completed"] == 3 for t in s["trials"])
+    runs = children(workdir, s["mlflow_run_id"])
+    assert len(runs) == 4  # one MLflow run per trial: none lost, none run twice
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    for r in runs:
+        assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "val/pgd10_acc")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["nosuch"], "unknown method 'nosuch'"),
+    (["pgd_at", "--objectives", "speed"], "--objectives"),
+    (["pgd_at", "--search-space", "/nonexistent.yaml"], "does not exist"),
+    (["pgd_at", "--resume"], "no search named"),
+    (["pgd_at", "--workers", "0"], "in-process"),
+    (["pgd_at", "--epochs", "2", "--grace-period", "5"], "--grace-period 5"),
+    (["pgd_at", "--num-samples", "0"], "--num-samples"),
+    (["pgd_at", "--top-k", "-1"], "--top-k"),
+])
+def test_bad_tune_input_is_one_error_line_and_creates_nothing(workdir, argv, needle):
+    proc = cli("tune", *argv, "--dataset", "digits", *tune_args(workdir, "bad"), timeout=120)
+    assert_one_error_line(proc, needle)
+    assert not (workdir / "mlflow.db").exists() and not any((workdir / "runs").iterdir())
