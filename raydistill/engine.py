@@ -221,10 +221,9 @@ class Trainer:
             self.nets.raw(n).train()
             for g in self.optimizers[n].param_groups:
                 g["lr"] = lr_at(cfg, epoch)
-        ctx = StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=HP(cfg.hp))
+        ctx = self.step_context(epoch)
         sums: dict[str, torch.Tensor] = {}
         n_batches = math.ceil(math.ceil(len(d.train_y) / self.s.world_size) / self.per_worker_batch)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
         images, t0 = 0, time.perf_counter()
         batches = iterate_batches(d.train_x, d.train_y, self.per_worker_batch, shuffle=True, seed=cfg.seed,
                                   epoch=epoch, rank=self.s.rank, world_size=self.s.world_size, augment=True,
@@ -232,14 +231,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             ctx.epoch = ctx.hp.epoch = epoch + i / n_batches
             self.maybe_fault(epoch, i, n_batches)
-            with autocast:
-                losses = self.method.step(self.nets, x, y, ctx)
-            total = sum(losses.values())
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            total.backward()
-            for opt in self.optimizers.values():
-                opt.step()
+            losses = self.train_step(x, y, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
             images += len(y)
@@ -260,6 +252,26 @@ class Trainer:
         out["train/lr"] = lr_at(cfg, epoch)
         out["train/epoch_time_s"] = elapsed
         return out
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One optimisation step of every trained network: the method's inner maximisation and
+        outer minimisation (under bf16 autocast on the fast path), one backward over the summed
+        loss terms, one SGD step per network. Returns the (graph-holding) loss terms."""
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            losses = self.method.step(self.nets, x, y, ctx)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        return losses
+
+    def step_context(self, epoch: float = 0.0) -> StepContext:
+        cfg = self.cfg
+        hp = HP(cfg.hp, epoch)
+        return StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=hp, epoch=epoch)
 
     def sync_buffers(self) -> None:
         """BatchNorm statistics from rank 0 to every rank, so all ranks validate and save one model
@@ -312,8 +324,7 @@ class Trainer:
         return out
 
     def diagnostics(self) -> dict[str, float]:
-        cfg = self.cfg
-        ctx = StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=HP(cfg.hp))
+        ctx = self.step_context(len(self.history))
         xs, ys = self.shard(self.data.val_x, self.data.val_y)
         sums: dict[str, float] = {}
         modes = {n: self.nets.raw(n).training for n in self.nets.names()}
