@@ -1,0 +1,109 @@
+"""Model zoo for adversarial distillation: CIFAR-style networks, ``build_model`` and checkpoint loading.
+
+All networks use a 3x3 stride-1 stem without max-pool and average-pool adaptively before the classifier,
+so they accept any input size from 8x8 (digits) through 32x32 (CIFAR) to 64x64 (TinyImageNet).
+They take inputs in [0, 1] (no normalisation layer), use no in-place activations (input gradients
+for attacks stay valid) and work with ``channels_last``.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..registry import Registry
+from .compact import VGG, MobileNetV2, SmallCNN
+from .resnet import ResNet, preact_resnet18, resnet18, resnet34
+from .wideresnet import WideResNet
+
+__all__ = ["MODELS", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN"]
+
+# name -> factory(num_classes, in_channels) -> nn.Module
+MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
+MODELS.add("resnet18", resnet18)
+MODELS.add("resnet34", resnet34)
+MODELS.add("preact_resnet18", preact_resnet18)
+MODELS.add("wrn34_10", functools.partial(WideResNet, 34, 10))
+MODELS.add("wrn34_20", functools.partial(WideResNet, 34, 20))
+MODELS.add("wrn70_16", functools.partial(WideResNet, 70, 16))
+MODELS.add("mobilenet_v2", MobileNetV2)
+MODELS.add("vgg16", functools.partial(VGG, VGG.CFG16))
+MODELS.add("small_cnn", SmallCNN)
+
+# Keys under which training scripts commonly nest the state_dict; prefixes added by DDP and torch.compile.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+def build_model(arch: str, num_classes: int, in_shape=(3, 32, 32)) -> nn.Module:
+    """Build ``arch`` (a MODELS name) for ``num_classes`` classes and inputs of shape ``in_shape`` = (C, H, W).
+
+    The returned module gives logits; it records ``arch``, ``num_classes`` and ``in_shape`` as attributes.
+    """
+    factory = MODELS.get(arch)
+    if int(num_classes) < 2:
+        raise UsageError(f"a classifier needs at least 2 classes, not {num_classes}")
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise UsageError(f"input shape must be (channels, height, width), not {in_shape}")
+    model = factory(int(num_classes), in_shape[0])
+    model.arch, model.num_classes, model.in_shape = arch, int(num_classes), in_shape
+    return model
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside ``obj`` and strip DDP / torch.compile key prefixes."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"{source} does not hold a state_dict (a mapping of parameter names to tensors)")
+    out = {}
+    for key, value in obj.items():
+        while key.startswith(_KEY_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _names(keys: list[str]) -> str:
+    """The first three names and the count, e.g. ``a, b, c, ... (7 in all)``."""
+    more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+    return ", ".join(keys[:3]) + more
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ",".join(str(d) for d in t.shape) + "]"
+
+
+def load_state_dict_into(model: nn.Module, obj: Any, source: str) -> nn.Module:
+    """Strictly load the weights in ``obj`` (as read by ``checkpoint.safe_load``) into ``model``.
+
+    Accepts a plain state_dict or one nested under ``state_dict`` / ``model`` / ``model_state_dict``,
+    with keys optionally prefixed by ``module.`` (DDP) or ``_orig_mod.`` (torch.compile). Any mismatch
+    is a one-line UsageError naming ``source`` and the first offending keys.
+    """
+    state = _unwrap(obj, source)
+    ignored = getattr(model, "IGNORED_KEY_PREFIXES", ())
+    state = {k: v for k, v in state.items() if not (ignored and k.startswith(ignored))}
+    expected = model.state_dict()
+    # BatchNorm fills a missing num_batches_tracked itself (checkpoints older than PyTorch 0.4.1 lack it).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {_shape(state[k])} vs {_shape(v)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label} {_names(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
+    if problems:
+        what = getattr(model, "arch", type(model).__name__)
+        classes = getattr(model, "num_classes", None)
+        target = f"a {what} with {classes} classes" if classes else f"a {what}"
+        raise UsageError(f"{source} does not fit {target}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+    return model
