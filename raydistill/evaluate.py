@@ -1,0 +1,199 @@
+"""``python -m raydistill.evaluate CHECKPOINT``: robust accuracy of a checkpoint on a test split.
+
+CHECKPOINT is a raydistill checkpoint folder (or its model.pt), or an external state_dict file
+together with ``--arch``, ``--num-classes`` and ``--dataset``. eps, step size, dataset and data folder
+default to the values the checkpoint was trained with (else 8/255, eps/4). Every argument is checked
+before any data or model is loaded; a bad one prints one ``error:`` line and exits with code 2.
+
+Example::
+
+    python -m raydistill.evaluate runs/ard/checkpoint --attacks clean,pgd20,aa --n-examples 1000 \\
+        --summary-json eval.json --mlflow --tracking-uri sqlite:///mlflow.db
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FORMAT, safe_load
+from .cli import ArgParser, nonneg_float, nonneg_int, positive_int
+from .errors import UsageError, cli_entry
+from .evaluation import ATTACKS, DEFAULT_ATTACKS, parse_attacks
+
+DEFAULT_EPS = 8 / 255
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(prog="python -m raydistill.evaluate",
+                  description="Evaluate a checkpoint's clean and adversarial (L-inf) test accuracy.")
+    p.add_argument("checkpoint", help="raydistill checkpoint folder or model.pt, or an external state_dict file")
+    p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                   help=f"comma-separated subset of {', '.join(ATTACKS.names())} (default {','.join(DEFAULT_ATTACKS)})")
+    p.add_argument("--eps", type=nonneg_float, help="L-inf radius in [0,1] pixel scale, e.g. 8/255 (default: the training eps)")
+    p.add_argument("--step-size", type=nonneg_float, help="PGD/CW step (default: the training step size, else eps/4)")
+    p.add_argument("--n-examples", type=positive_int, help="evaluate the first N test examples (default all)")
+    p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when present)")
+    p.add_argument("--arch", help="architecture of an external state_dict (or a check of the checkpoint's)")
+    p.add_argument("--num-classes", type=positive_int, help="class count of an external state_dict")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the attacks' random starts (default 0)")
+    p.add_argument("--summary-json", help="write the results as JSON to this file")
+    p.add_argument("--mlflow", action="store_true", help="log test/<attack>_acc to MLflow (a new run unless --run-id)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow)")
+    p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
+    p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device '{text}' is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type != "cpu":
+        raise UsageError(f"--device '{text}' is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def _mlflow_target(args) -> tuple[str, str | None] | None:
+    """(tracking uri, run id or None) when MLflow logging was asked for; checks the run exists."""
+    if not (args.mlflow or args.tracking_uri or args.run_id):
+        return None
+    from . import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    if args.run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tracking.client(uri).get_run(args.run_id)
+        except MlflowException:
+            raise UsageError(f"--run-id {args.run_id}: no such MLflow run at {uri}") from None
+    return uri, args.run_id
+
+
+def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict) -> str:
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    from . import tracking
+
+    uri, run_id = target
+    c = tracking.client(uri)
+    new_run = run_id is None
+    if new_run:
+        run_id = c.create_run(tracking.experiment_id(c, experiment),
+                              run_name=f"evaluate {Path(summary['checkpoint']).name}",
+                              tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}).info.run_id
+    now = int(time.time() * 1000)
+    params = {"test/eps": summary["eps"], "test/step_size": summary["step_size"], "test/n_examples": summary["n_examples"],
+              "test/attacks": ",".join(summary["attacks"]), "test/checkpoint": summary["checkpoint"][:500]}
+    existing = c.get_run(run_id).data.params
+    clash = [k for k, v in params.items() if k in existing and existing[k] != str(v)]
+    try:
+        c.log_batch(run_id, metrics=[Metric(f"test/{k}", float(v), now, 0) for k, v in summary["metrics"].items()],
+                    params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
+    except MlflowException as exc:
+        raise UsageError(f"MLflow refused the results for run {run_id}: {str(exc).splitlines()[0]}") from None
+    if clash:
+        print(f"note: run {run_id} already had {', '.join(clash)} from an earlier evaluation; kept those params")
+    if new_run:
+        c.set_terminated(run_id)
+    return run_id
+
+
+def _table(summary: dict) -> str:
+    eps, step = summary["eps"], summary["step_size"]
+    lines = [f"checkpoint  {summary['checkpoint']} ({summary['arch']})",
+             f"dataset     {summary['dataset']} test, {summary['n_examples']} examples",
+             f"eps         {eps:.6g} ({eps * 255:.4g}/255), step {step:.6g} ({step * 255:.4g}/255)",
+             "", f"{'attack':<8} {'accuracy':>9}"]
+    lines += [f"{k[:-4]:<8} {100 * v:8.2f}%" for k, v in summary["metrics"].items()]
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    # ---- every argument is checked before data or model are loaded
+    from .data import DATASETS, load_dataset
+    from .models import MODELS
+
+    attacks = parse_attacks(args.attacks)
+    device = _device(args.device)
+    if args.dataset is not None:
+        DATASETS.get(args.dataset)
+    if args.arch is not None:
+        MODELS.get(args.arch)
+    path = Path(args.checkpoint)
+    record = safe_load(path, "checkpoint")  # a missing or unreadable file is a UsageError
+    ours = isinstance(record, dict) and record.get("format") == FORMAT and "arch" in record
+    meta = dict(record.get("meta", {})) if ours else {}
+    if ours and args.arch is not None and args.arch != record["arch"]:
+        raise UsageError(f"checkpoint '{path}' holds a {record['arch']}, not the {args.arch} that was asked for")
+    if ours and args.num_classes is not None and args.num_classes != int(record["num_classes"]):
+        raise UsageError(f"checkpoint '{path}' has {record['num_classes']} classes, not the {args.num_classes} asked for")
+    if not ours and (args.arch is None or args.num_classes is None or args.dataset is None):
+        raise UsageError(f"checkpoint '{path}' is not a raydistill checkpoint; give --arch, --num-classes "
+                         f"and --dataset for an external state_dict")
+    arch = record["arch"] if ours else args.arch
+    del record
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise UsageError(f"checkpoint '{path}' does not record its dataset; give --dataset")
+    DATASETS.get(dataset)
+    eps = args.eps if args.eps is not None else float(meta.get("eps", DEFAULT_EPS))
+    if args.step_size is not None:
+        step_size = args.step_size
+    elif args.eps is None and meta.get("step_size") is not None:
+        step_size = float(meta["step_size"])
+    else:
+        step_size = eps / 4
+    if args.summary_json is not None:
+        out = Path(args.summary_json)
+        if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+            raise UsageError(f"--summary-json {out}: not a writable file path")
+    mlflow_target = _mlflow_target(args)
+
+    # ---- data, model, evaluation
+    from .checkpoint import load_model
+    from .evaluation import evaluate
+
+    data = load_dataset(dataset, args.data_dir or meta.get("data_dir"), val_size=0)
+    if args.num_classes is not None and args.num_classes != data.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} does not match dataset '{dataset}' ({data.num_classes} classes)")
+    model, meta = load_model(path, device, arch=arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    n = len(data.test_y) if args.n_examples is None else min(args.n_examples, len(data.test_y))
+    metrics = evaluate(model, data.test_x[:n], data.test_y[:n], attacks, eps=eps, step_size=step_size,
+                       batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed)
+
+    summary = {"checkpoint": os.path.abspath(path), "arch": arch, "dataset": dataset, "eps": eps,
+               "step_size": step_size, "n_examples": n, "attacks": attacks, "seed": args.seed, "metrics": metrics}
+    print(_table(summary))
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    if mlflow_target is not None:
+        run_id = _log_mlflow(mlflow_target, args.experiment, summary)
+        print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
