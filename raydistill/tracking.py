@@ -145,6 +145,17 @@ def log_curves(uri: str, run_id: str) -> None:
         c.log_artifact(run_id, path, artifact_path="plots")
 
 
+def log_resolved(uri: str, run_id: str, values: dict[str, Any]) -> None:
+    """Settings decided at launch (e.g. GPUs per worker when not given), as params/tags."""
+    c = client(uri)
+    params = c.get_run(run_id).data.params
+    for k, v in values.items():
+        if k not in params:
+            c.log_param(run_id, k, str(v))
+        elif params[k] != str(v):
+            c.set_tag(run_id, f"resolved.{k}", str(v))
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 

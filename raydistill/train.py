@@ -99,6 +99,9 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
+    from . import tracking
+
+    tracking.log_resolved(cfg.tracking_uri, cfg.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
     resources = {"CPU": float(cpus)}
     if gpus:
         resources["GPU"] = gpus

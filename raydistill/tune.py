@@ -249,7 +249,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None
     done.sort(key=lambda t: t["metrics"].get("val_best_pgd10_acc", 0.0), reverse=True)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     for t in done[:k]:
-        acc = ray.get(_aa_task.options(num_gpus=gpus).remote(t["checkpoint"], n))
+        acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
         t["metrics"]["test_aa_acc"] = acc
         if t["mlflow_run_id"]:
             tracking.client(cfg.tracking_uri).log_metric(t["mlflow_run_id"], "test/aa_acc", acc)
@@ -270,14 +270,12 @@ def _aa_remote(checkpoint: str, n: int) -> float:
                     device=device)["aa_acc"]
 
 
-def __getattr__(name: str):  # the Ray task is created lazily so importing this module stays cheap
-    if name == "_aa_task":
-        import ray
+@functools.lru_cache(maxsize=None)
+def _aa_task():
+    """The AutoAttack Ray task, created on first use (importing this module stays cheap)."""
+    import ray
 
-        task = ray.remote(num_cpus=1)(_aa_remote)
-        globals()["_aa_task"] = task
-        return task
-    raise AttributeError(name)
+    return ray.remote(num_cpus=1)(_aa_remote)
 
 
 def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str, Any]:

@@ -1,0 +1,95 @@
+"""The MLflow UI shows raydistill's runs: a real ``mlflow server`` on 127.0.0.1 and headless Chromium.
+
+CI installs Chromium with .ci/install-chromium.sh; without it this test is skipped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_report import make_run
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                 reason=f"{CHROMIUM} is missing: run .ci/install-chromium.sh (Debian's chromium package)")]
+RUN_NAMES = ["pgd_at-small_cnn-s0", "pgd_at-small_cnn-s1", "peeraid-small_cnn-s0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A tracking server on 127.0.0.1 over a sqlite store holding a few raydistill-shaped runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("raydistill")
+    for name in RUN_NAMES:
+        method, arch, seed = name.rsplit("-", 2)
+        make_run(c, exp, method, arch, int(seed[1:]), {"clean": 0.8, "pgd20": 0.4}, workers=2,
+                 diagnostics={"val/pgd10_acc": [0.3, 0.35, 0.4]}, name=name)
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", uri, "--default-artifact-root", str(tmp_path / "artifacts"),
+                             "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(1)
+        yield f"{url}/#/experiments/{exp}/runs"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started (its own session)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=15000", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_experiment_page_lists_the_runs(server, tmp_path):
+    from PIL import Image, ImageStat
+
+    shot = tmp_path / "mlflow-ui.png"
+    proc = chromium(tmp_path, server, f"--screenshot={shot}")
+    assert shot.exists(), proc.stderr[-3000:]
+    assert shot.stat().st_size > 20_000
+    with Image.open(shot) as img:
+        assert img.size == (1400, 900)
+        assert max(ImageStat.Stat(img.convert("RGB")).stddev) > 20  # not a blank page
+    print(f"screenshot: {shot}")
+
+    dom = chromium(tmp_path, server, "--dump-dom").stdout
+    for name in RUN_NAMES:
+        assert name in dom, f"{name} is not on the experiment page"
