@@ -8,6 +8,7 @@ File format (read with yaml.safe_load and validated on load)::
       gamma2: {float: [0.01, 10.0], log: true}
       tau:    {categorical: [1, 2, 5, 10]}
       n_teachers: {int: [2, 4]}
+      warmup: {float: [0.0, 0.5], of_epochs: true}   # an epoch count, as a fraction of the run's epochs
       beta:   {float: [0.5, 4.0], when: {amalgamation: soft}}    # conditional parameter
       lambda3:                      # a warm-up schedule on a coefficient
         schedule:
@@ -86,7 +87,9 @@ class SearchSpace:
 
 
 def resolve_fractions(value: Any, epochs: int) -> Any:
-    """Schedule dicts from a search use fractions of the run's epochs; turn them into epochs."""
+    """Schedules and epoch counts from a search are fractions of the run's epochs; make them epochs."""
+    if isinstance(value, dict) and "epochs_frac" in value:
+        return int(round(value["epochs_frac"] * epochs))
     if isinstance(value, dict) and "at_frac" in value:
         return {"kind": "step", "before": value["before"], "after": value["after"], "at": value["at_frac"] * epochs}
     if isinstance(value, dict) and "from_frac" in value:
@@ -98,6 +101,9 @@ def resolve_fractions(value: Any, epochs: int) -> Any:
 def _suggest(trial, name: str, spec: Any) -> Any:
     if not isinstance(spec, dict):
         return spec
+    if spec.get("of_epochs"):
+        lo, hi = spec["float"]
+        return {"epochs_frac": trial.suggest_float(name, lo, hi)}
     if "float" in spec:
         lo, hi = spec["float"]
         return trial.suggest_float(name, lo, hi, log=bool(spec.get("log", False)), step=spec.get("step"))
@@ -166,10 +172,12 @@ def _check_dist(spec: Any, key: str, bad: Callable) -> None:
     kinds = DIST_KEYS & set(spec)
     if len(kinds) != 1:
         raise bad(key, "expected exactly one of float: [low, high], int: [low, high], categorical: [...]")
-    extra = set(spec) - DIST_KEYS - {"log", "step", "when"}
+    extra = set(spec) - DIST_KEYS - {"log", "step", "when", "of_epochs"}
     if extra:
-        raise bad(f"{key}.{sorted(extra)[0]}", "unknown key; allowed: float/int/categorical, log, step, when")
+        raise bad(f"{key}.{sorted(extra)[0]}", "unknown key; allowed: float/int/categorical, log, step, when, of_epochs")
     kind = kinds.pop()
+    if spec.get("of_epochs") and not (kind == "float" and 0 <= spec["float"][0] <= spec["float"][1] <= 1):
+        raise bad(f"{key}.of_epochs", "needs float: [low, high] within [0, 1] (fractions of the run's epochs)")
     val = spec[kind]
     if kind == "categorical":
         if not isinstance(val, list) or not val:
@@ -234,6 +242,9 @@ def _check_types(space: SearchSpace, cls, path: Path) -> None:
         if isinstance(spec, dict) and "categorical" in spec:
             for choice in spec["categorical"]:
                 check(name, choice)
+        elif isinstance(spec, dict) and spec.get("of_epochs"):
+            for bound in spec["float"]:
+                check(name, resolve_fractions({"epochs_frac": bound}, 100))
         elif isinstance(spec, dict) and ("float" in spec or "int" in spec):
             for bound in spec.get("float", spec.get("int")):
                 check(name, bound)
