@@ -172,7 +172,7 @@ class Trainer:
                 wrapped[spec.name] = s.prepare(m)
                 raw[spec.name] = getattr(wrapped[spec.name], "module", wrapped[spec.name])
             else:
-                m, _ = load_model(spec.checkpoint, self.device, arch=None, num_classes=d.num_classes,
+                m, _ = load_model(spec.checkpoint, self.device, arch=spec.arch or None, num_classes=d.num_classes,
                                   in_shape=d.in_shape, what=spec.flag or spec.name)
                 m.requires_grad_(False).eval()
                 wrapped[spec.name] = raw[spec.name] = m

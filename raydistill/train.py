@@ -17,6 +17,7 @@ from .config import TrainConfig, add_run_options, build_config, storage_path
 from .errors import UsageError, cli_entry
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
+IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64), "digits": (1, 8, 8)}
 
 
 class TrainingFailed(RuntimeError):
@@ -42,9 +43,11 @@ def preflight(cfg: TrainConfig) -> None:
     from .methods import get_method
 
     n_classes = NUM_CLASSES.get(cfg.dataset) or cfg.dataset_options.get("num_classes", 10)
+    shape = IN_SHAPES.get(cfg.dataset)
     for spec in get_method(cfg.method)(cfg).networks():
         if not spec.trainable:
-            load_model(spec.checkpoint, "cpu", num_classes=n_classes, what=spec.flag or spec.name)
+            load_model(spec.checkpoint, "cpu", arch=spec.arch or None, num_classes=n_classes, in_shape=shape,
+                       what=spec.flag or spec.name)
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
