@@ -1,0 +1,82 @@
+"""PeerAiD: a peer network trained from scratch beside the student tutors it (Jung et al., CVPR 2024, Eq. 2-5).
+
+    x*      = argmax_{||x~ - x|| <= eps} KL(P(x) || S(x~))                                   (2)
+    L_peer  = γ1 · CE(y, P(x*)) + γ2 · τp² · KL(S^τp(x*) || P^τp(x*))                       (3)
+    L_stud  = λ1 · CE(y, S(x*)) + λ2 · τ² · KL(P^τ(x*) || S^τ(x*)) + λ3 · τ² · KL(S^τ(x) || S^τ(x*))   (4)
+    L       = L_peer + L_stud, one backward, both networks stepped together            (5)
+
+The peer is trained on the STUDENT's adversarial examples x*. In the attack, P(x) comes from the
+peer in eval() without a graph and the student runs in ``bn_mode`` (eval) from x + 0.001·N(0, 1).
+Each network runs once per input: S(x*), S(x) and P(x*) (the authors' code evaluates S three
+times); P(x*) is detached in the student's terms (the peer's soft label is a constant target).
+
+Defaults are the authors' code (CIFAR-10 values), which differs from the paper's equations in:
+
+====================================  ==================  =====================================
+hyperparameter                        authors' code        paper-literal Eq. 3-4
+====================================  ==================  =====================================
+``kl_reduction``                      mean (over B·C)      batchmean (sum over classes / B)
+``tau_p`` (τ of the peer's KL)        1                    = ``tau`` (Eq. 3 uses the same τ)
+``detach_student_in_peer_kl``         false: the γ2 term   true: S^τp(x*) is the peer's
+                                      also trains S        constant target
+``detach_clean_in_self_kl``           false: S(x) in the   true: S(x) is a constant target
+                                      λ3 term is trained
+====================================  ==================  =====================================
+
+Diagnostics each epoch (the paper's Fig. 1, 3 and Table 2), with the run's eps / step / steps,
+PGD on CE from a uniform start, networks in eval(): ``peer_acc_on_student_adv``, the peer's
+accuracy on the student's adversarial examples, and ``peer_acc_on_own_adv``, on its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import attacks
+from ..losses import REDUCTIONS, accuracy, ce, kl
+from .base import Method, NetSpec
+
+CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4, "swa_start": 215}
+
+
+class PeerAiD(Method):
+    name = "peeraid"
+    hparams = {"tau": 5.0, "tau_p": 1.0, "gamma1": 1.0, "gamma2": 0.1, "lambda1": 0.0, "lambda2": 1.0,
+               "lambda3": 1.0, "kl_reduction": "mean", "detach_student_in_peer_kl": False,
+               "detach_clean_in_self_kl": False, "bn_mode": "eval", "random_start": "normal"}
+    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
+    presets = {
+        "cifar10": CIFAR,
+        "cifar100": {**CIFAR, "hp": {"gamma2": 1.0}},
+        # the paper's ResNet-18 schedule on TinyImageNet: 200 epochs, decays at 100 and 150
+        "tinyimagenet": {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4, "swa_start": 100,
+                         "hp": {"tau": 1.0, "gamma2": 100.0, "lambda1": 0.035, "lambda2": 35.0, "lambda3": 20.0}},
+    }
+
+    def networks(self):
+        return [NetSpec("student", self.cfg.student), NetSpec("peer", self.cfg.peer or self.cfg.student)]
+
+    def inner_max(self, nets, x, y, ctx):
+        with torch.no_grad(), attacks.bn_mode(nets.raw("peer"), "eval"):
+            target = torch.softmax(nets.raw("peer")(x).float(), dim=1)
+        with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):
+            return {"x_adv": self.pgd(attacks.kl_loss(s, target), x, ctx, ctx.hp.random_start)}
+
+    def outer_min(self, nets, x, y, adv, ctx):
+        hp, red = ctx.hp, ctx.hp.kl_reduction
+        s_adv, s_clean, p_adv = nets.student(adv["x_adv"]), nets.student(x), nets.peer(adv["x_adv"])
+        s_target = s_adv.detach() if hp.detach_student_in_peer_kl else s_adv
+        s_clean = s_clean.detach() if hp.detach_clean_in_self_kl else s_clean
+        return {
+            "peer_ce": hp.gamma1 * ce(p_adv, y),
+            "peer_kl": hp.gamma2 * hp.tau_p ** 2 * kl(s_target, p_adv, hp.tau_p, red),
+            "student_ce": hp.lambda1 * ce(s_adv, y),
+            "student_kl": hp.lambda2 * hp.tau ** 2 * kl(p_adv.detach(), s_adv, hp.tau, red),
+            "student_self_kl": hp.lambda3 * hp.tau ** 2 * kl(s_clean, s_adv, hp.tau, red),
+        }
+
+    def diagnostics(self, nets, x, y, ctx):
+        with self.attacking(nets, ["student", "peer"], "eval") as (s, p):
+            x_s = self.pgd(attacks.ce_loss(s, y), x, ctx)
+            x_p = self.pgd(attacks.ce_loss(p, y), x, ctx)
+            with torch.no_grad():
+                return {"peer_acc_on_student_adv": accuracy(p(x_s), y), "peer_acc_on_own_adv": accuracy(p(x_p), y)}
