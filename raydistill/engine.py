@@ -51,9 +51,10 @@ class LocalSession:
 
     rank, world_size, local_world_size = 0, 1, 1
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, cpus: float | None = None):
         self.run_dir = Path(run_dir)
-        self.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cpus = max(1, int(cpus)) if cpus else cores
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.final_metrics: dict[str, Any] = {}
         self.checkpoint_path: str | None = None
@@ -475,7 +476,7 @@ def progress_line(epoch: int, epochs: int, m: dict) -> str:
 
 
 def run_in_process(cfg: TrainConfig) -> LocalSession:
-    session = LocalSession(cfg.run_dir())
+    session = LocalSession(cfg.run_dir(), cfg.cpus_per_worker)
     Trainer(cfg, session).run()
     return session
 

@@ -39,6 +39,8 @@ CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4, 
 
 
 class PeerAiD(Method):
+    """Student and peer trained from scratch together, the peer on the student's attacks (Eq. 2-5)."""
+
     name = "peeraid"
     hparams = {"tau": 5.0, "tau_p": 1.0, "gamma1": 1.0, "gamma2": 0.1, "lambda1": 0.0, "lambda2": 1.0,
                "lambda3": 1.0, "kl_reduction": "mean", "detach_student_in_peer_kl": False,
@@ -56,8 +58,8 @@ class PeerAiD(Method):
         return [NetSpec("student", self.cfg.student), NetSpec("peer", self.cfg.peer or self.cfg.student)]
 
     def inner_max(self, nets, x, y, ctx):
-        with torch.no_grad(), attacks.bn_mode(nets.raw("peer"), "eval"):
-            target = torch.softmax(nets.raw("peer")(x).float(), dim=1)
+        with torch.no_grad(), self.attacking(nets, ["peer"], "eval") as (p,):
+            target = torch.softmax(p(x).float(), dim=1)
         with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):
             return {"x_adv": self.pgd(attacks.kl_loss(s, target), x, ctx, ctx.hp.random_start)}
 
