@@ -86,3 +86,17 @@ def test_bad_train_input_is_one_error_line_and_no_mlflow_run(workdir, argv, need
     proc = cli("train", *argv, "--dataset", "digits", *run_args(workdir, "bad"), timeout=120)
     assert_one_error_line(proc, needle)
     assert not (workdir / "mlflow.db").exists() and not any((workdir / "runs").iterdir())
+
+
+def test_online_method_on_two_workers_keeps_every_network_identical_across_ranks(workdir):
+    """PeerAiD under TorchTrainer on 2 CPU workers: student and peer each under DDP, in step on every rank."""
+    proc = cli("train", "peeraid", "--dataset", "digits", "--workers", "2", "--epochs", "1",
+               "--debug-dump", str(workdir / "dump"), *run_args(workdir, "peer2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["ddp"] == r1["ddp"] == {"student": "DistributedDataParallel", "peer": "DistributedDataParallel"}
+    for net in ("student", "peer", "student.buffers", "peer.buffers"):
+        assert r0[net] == r1[net], net
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    metrics = c.get_run(summary(workdir, "peer2")["mlflow_run_id"]).data.metrics
+    assert {"val/peer_acc_on_student_adv", "val/peer_acc_on_own_adv", "train/loss_peer_ce"} <= set(metrics), metrics
