@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast venv clean
+.PHONY: quickstart test test-fast test-pending venv clean
 
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +17,13 @@ quickstart: $(BIN)/activate
 	$(BIN)/python -m raydistill.quickstart
 
 test: $(BIN)/activate
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'not pending'
+
+test-pending: $(BIN)/activate
+	$(BIN)/python -m pytest -q -m pending
 
 test-fast: $(BIN)/activate
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -m 'not slow and not pending'
 
 clean:
 	rm -rf $(VENV) *.egg-info
