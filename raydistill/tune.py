@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
 
-                scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=cfg.epochs,
+                # max_t one past the last epoch: ASHA never stops a trial on its final report, so the
+                # trial closes its own MLflow run (checkpoints, plots) before it ends
+                scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=cfg.epochs + 1,
                                           grace_period=grace, reduction_factor=2)
             tuner = tune.Tuner(
                 trainable,
@@ -224,8 +226,12 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
         run = next((r for n, r in children.items() if n and n.endswith(str(trial_id))), None)
         status = "ERROR" if res.error else ("COMPLETED" if "test/clean_acc" in m else "STOPPED")
         if run is not None and run.info.status == "RUNNING":
-            c.set_tag(run.info.run_id, "stopped_early", "asha" if status == "STOPPED" else status.lower())
-            c.set_terminated(run.info.run_id, status="KILLED" if status == "STOPPED" else "FAILED")
+            if status == "COMPLETED":  # trained and tested; only its closing step was cut off
+                tracking.log_checkpoint(cfg.tracking_uri, run.info.run_id, m.get("checkpoint_path") or "")
+                c.set_terminated(run.info.run_id, status="FINISHED")
+            else:
+                c.set_tag(run.info.run_id, "stopped_early", "asha" if status == "STOPPED" else status.lower())
+                c.set_terminated(run.info.run_id, status="KILLED" if status == "STOPPED" else "FAILED")
         params = {k: v for k, v in (res.config or {}).items()}
         rows.append({
             "trial_id": str(trial_id), "status": status, "params": params,

@@ -43,6 +43,7 @@ def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
     assert "test/aa_acc" in best_run.data.metrics
 
 
+@pytest.mark.pending  # written, not yet seen passing: its first run lost a race with MLflow's table creation
 def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
     args = ["pgd_at", "--dataset", "digits", "--epochs", "3", "--num-samples", "4", "--max-concurrent", "2",
             "--scheduler", "none", "--top-k", "0", *tune_args(workdir, "k")]
@@ -52,11 +53,14 @@ def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
     deadline = time.time() + 600
     try:  # kill the driver once the first trial has finished and others are under way
         while time.time() < deadline:
-            if db.exists():
-                c = MlflowClient(f"sqlite:///{db}")
-                exp = c.get_experiment_by_name("raydistill")
-                if exp and c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` != ''"):
-                    break
+            if db.exists() and time.time() > deadline - 590:
+                try:  # the driver may still be creating the store
+                    c = MlflowClient(f"sqlite:///{db}")
+                    exp = c.get_experiment_by_name("raydistill")
+                    if exp and c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` != ''"):
+                        break
+                except Exception:
+                    pass
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(2)
         time.sleep(3)
