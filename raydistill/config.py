@@ -68,6 +68,10 @@ class TrainConfig:
     attack_steps: int = 10
     hp: dict = field(default_factory=dict)
     precision: str = "fp32"
+    channels_last: bool = False  # speed features: raydistill.fastpath
+    fold_bn: bool = False
+    input_grads_only: bool = False
+    compile: str = "none"
     workers: int = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
@@ -191,6 +195,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-failures", type=nonneg_int, help="worker-group restarts Ray Train may do (default 0)")
     g.add_argument("--test-attacks", help="final test attacks (default clean,fgsm,pgd20)")
     g.add_argument("--summary-json", help="write the run's summary JSON here")
+    from . import fastpath
+
+    fastpath.add_options(p.add_argument_group("speed (the same mathematics; see raydistill.fastpath)"))
     # testing aids, not shown in --help
     p.add_argument("--fault", help=argparse.SUPPRESS)
     p.add_argument("--debug-dump", help=argparse.SUPPRESS)
@@ -219,7 +226,8 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
     flags = {k: getattr(args, k, None) for k in (
         "dataset", "data_dir", "download", "val_size", "student", "peer", "teacher", "teacher_arch",
         "natural_teacher", "natural_teacher_arch", "epochs", "batch_size", "lr", "weight_decay", "swa_start",
-        "seed", "eps", "step_size", "attack_steps", "precision", "workers", "gpus_per_worker", "cpus_per_worker", "preset",
+        "seed", "eps", "step_size", "attack_steps", "precision", "channels_last", "fold_bn",
+        "input_grads_only", "compile", "workers", "gpus_per_worker", "cpus_per_worker", "preset",
         "tracking_uri", "experiment", "storage_path", "max_failures", "name", "fault", "debug_dump")}
     settings.update({k: v for k, v in flags.items() if v is not None and v is not False})
     if getattr(args, "lr_milestones", None):

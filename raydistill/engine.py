@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import fastpath
 from .checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_model, model_record, safe_load
 from .config import TrainConfig
 from .data import iterate_batches, load_dataset
@@ -169,13 +170,13 @@ class Trainer:
         wrapped, raw = {}, {}
         for spec in self.specs:
             if spec.trainable:
-                m = build_model(spec.arch, d.num_classes, d.in_shape)
+                m = fastpath.prepare(build_model(spec.arch, d.num_classes, d.in_shape), cfg)
                 wrapped[spec.name] = s.prepare(m)
                 raw[spec.name] = getattr(wrapped[spec.name], "module", wrapped[spec.name])
             else:
                 m, _ = load_model(spec.checkpoint, self.device, arch=spec.arch or None, num_classes=d.num_classes,
                                   in_shape=d.in_shape, what=spec.flag or spec.name)
-                m.requires_grad_(False).eval()
+                m = fastpath.prepare(m.requires_grad_(False).eval(), cfg, frozen=True)
                 wrapped[spec.name] = raw[spec.name] = m
         self.nets = Nets(wrapped, raw, self.specs)
         self.trainable = [sp.name for sp in self.specs if sp.trainable]
@@ -301,7 +302,8 @@ class Trainer:
         from .evaluation import evaluate
 
         xs, ys = self.shard(x, y)
-        accs = evaluate(model, xs, ys, attacks, eps=self.cfg.eps, step_size=self.cfg.step_size,
+        # evaluation in fp32 whatever --precision says; a folded copy (--fold-bn) is the same function
+        accs = evaluate(fastpath.inference_view(model), xs, ys, attacks, eps=self.cfg.eps, step_size=self.cfg.step_size,
                         batch_size=max(256, self.per_worker_batch), device=self.device) if len(ys) else {}
         keys = [f"{a}_acc" for a in attacks]
         tot = all_reduce_sum([accs.get(k, 0.0) * len(ys) for k in keys] + [float(len(ys))], self.device)

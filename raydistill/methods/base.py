@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from .. import attacks
+from .. import attacks, fastpath
 from ..schedules import value_at
 
 
@@ -130,6 +130,5 @@ class Method:
     @contextmanager
     def attacking(nets: Nets, names: list[str], bn: str) -> Iterator[list[nn.Module]]:
         """The bare modules ``names`` in BatchNorm mode ``bn`` ('eval' | 'train') for an attack."""
-        mods = [nets.raw(n) for n in names]
-        with attacks.bn_mode(mods, bn):
+        with fastpath.attack_views([nets.raw(n) for n in names], bn) as mods:
             yield mods

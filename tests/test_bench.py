@@ -1,0 +1,148 @@
+"""The training-throughput benchmark, and the minimal passes of every method's step.
+
+* Forward / backward passes per network in one production step equal what each method's equations
+  need (METHODS.md, "Cost per training step"), with and without the speed features: a redundant
+  pass anywhere fails here.
+* The authors'-code PeerAiD step (the baseline of the speed targets) makes the same update as ours
+  with one student forward and backward more.
+* The command writes the contract's JSON, races alternate their contestants, bad input is one
+  ``error:`` line.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raydistill import bench, fastpath
+from raydistill.errors import UsageError
+
+from conftest import assert_one_error_line, cli
+
+K, M = 2, 2  # PGD steps of the training attack; SVGD iterations of AT-AKA / CAT-AKA (3 networks)
+TINY = ["--student", "small_cnn", "--image-size", "8", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+        "--attack-steps", str(K), "--eval-examples", "8", "--threads", "1"]
+
+# (forward, backward) per network per step. The attack: K x (f + b) of each network it differentiates.
+PASSES = {
+    "natural": {"student": (1, 1)},
+    "pgd_at": {"student": (K + 1, K + 1)},  # attack, S(x*)
+    "trades": {"student": (K + 3, K + 2)},  # eval-mode S(x) target (no graph), attack, S(x), S(x*)
+    "ard": {"student": (K + 1, K + 1), "teacher": (1, 0)},  # alpha = 1: no S(x); T(x) no graph
+    "rslad": {"student": (K + 2, K + 2), "teacher": (1, 0)},  # T(x) once: attack target and both terms
+    "akd2": {"student": (K + 1, K + 1), "teacher": (1, 0), "teacher_nat": (1, 0)},
+    "iad1": {"student": (K + 2, K + 2), "teacher": (2, 0)},  # S(x~), S(x); T(x), T(x~) (authors: 4 S f)
+    "iad2": {"student": (K + 2, K + 2), "teacher": (1, 0), "teacher_nat": (1, 0)},  # T_at(x~) gives alpha too
+    "adaad": {"student": (K + 1, K + 1), "teacher": (K + 1, K)},  # attack through both; T(x*) no graph
+    "adaiad": {"student": (K + 2, K + 2), "teacher": (K + 1, K)},  # + S(x) for the introspection
+    "peeraid": {"student": (K + 2, K + 2), "peer": (2, 1)},  # S(x*), S(x); P(x) no graph, P(x*)
+    "at_aka": {"student": (1, 1), **{f"teacher{i}": (M + 1, M + 1) for i in range(3)}},
+    "cat_aka": {f"student{i}": (M + 1, M + 1) for i in range(3)},
+}
+EVAL_MODE_ATTACKS = {"trades", "pgd_at", "rslad", "adaad", "adaiad", "peeraid", "at_aka", "cat_aka"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny kernels run on one intra-op thread (OpenMP synchronisation would dominate); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> bench.Bench:
+    argv = TINY + ["--methods", ",".join(PASSES), "--set", f"svgd_steps={M}"]
+    return bench.Bench(bench.parse(argv), str(tmp_path_factory.mktemp("bench")))
+
+
+def passes_of(b: bench.Bench, method: str, **features):
+    trainer = b.trainer(b.config(method, **features))
+    step, data = bench.production_step(trainer), bench.batches(trainer)
+    bench.run_steps(step, data, 1, trainer.device)  # folded copies are made in the first step
+    return trainer, bench.count_passes(trainer, step, data)
+
+
+@pytest.mark.parametrize("method", PASSES)
+def test_passes_per_step_are_the_minimum_the_equations_need(tiny, method):
+    _, counts = passes_of(tiny, method)
+    assert {n: (c["forward"], c["backward"]) for n, c in counts.items()} == PASSES[method]
+
+
+@pytest.mark.parametrize("method", ["trades", "peeraid", "adaad", "ard", "at_aka"])
+def test_speed_features_keep_the_passes_and_attack_the_folded_copy(tiny, method):
+    trainer, counts = passes_of(tiny, method, **bench.FAST)
+    assert {n: (c["forward"], c["backward"]) for n, c in counts.items()} == PASSES[method]
+    attacked = [n for n in trainer.trainable if fastpath.views_of(trainer.nets.raw(n))]
+    assert bool(attacked) == (method in EVAL_MODE_ATTACKS)  # train()-mode attacks (ARD) stay unfolded
+
+
+def test_authors_peeraid_step_is_our_update_with_one_more_student_pass(tiny):
+    ours, authors = (tiny.trainer(tiny.config("peeraid")) for _ in range(2))
+    x, y = next(bench.batches(ours))
+    x = 0.05 + 0.9 * x  # inside (0, 1): the authors' random start is not clamped, ours is
+    ctx = authors.step_context(0)
+    for trainer, step in ((ours, bench.production_step(ours)),
+                          (authors, lambda a, b: bench.authors_peeraid_step(authors, a, b, ctx))):
+        torch.manual_seed(1)
+        step(x, y)
+    for n in ("student", "peer"):
+        for p, q in zip(ours.nets.raw(n).parameters(), authors.nets.raw(n).parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
+    counts = bench.count_passes(authors, lambda a, b: bench.authors_peeraid_step(authors, a, b, ctx),
+                                bench.batches(authors))
+    assert counts == {"student": {"forward": K + 3, "backward": K + 3}, "peer": {"forward": 2, "backward": 1}}
+
+
+def test_race_alternates_and_reports_median_speedups(tiny):
+    variants = [bench.Variant(name, t, bench.production_step(t))
+                for name, t in (("a", tiny.trainer(tiny.config("natural"))),
+                                ("b", tiny.trainer(tiny.config("natural", precision="bf16"))))]
+    out = bench.race(variants, steps=1, rounds=3, warmup=1)
+    assert out["a"]["speedup"] == 1.0 and len(out["b"]["images_per_s_rounds"]) == 3
+    assert all(v["images_per_s"] > 0 for v in out.values())
+
+
+def test_command_writes_the_contract_json(tmp_path):
+    path = tmp_path / "bench.json"
+    proc = cli("bench", "--methods", "pgd_at,peeraid", *TINY, "--fold-bn", "--summary-json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(path.read_text())
+    assert {"cpu", "cores", "torch", "device", "bf16"} <= set(out["machine"])
+    pgd_at, peeraid = out["results"]
+    assert pgd_at["method"] == "pgd_at" and pgd_at["passes"] == {"student": {"forward": K + 1, "backward": K + 1}}
+    assert peeraid["passes"]["peer"] == {"forward": 2, "backward": 1} and peeraid["features"]["fold_bn"]
+    for r in out["results"]:
+        assert r["images_per_s"] > 0 and 0 <= r["data_share"] < 1 and r["peak_mem_mb"] is not None
+        assert set(r["eval_images_per_s"]) == {"clean", "pgd20"}
+
+
+def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
+    from raydistill.checkpoint import save_model
+    from raydistill.models import build_model
+
+    path = save_model(tmp_path / "ckpt", build_model("small_cnn", 10, (1, 8, 8)), "small_cnn", 10, (1, 8, 8),
+                      {"dataset": "digits", "eps": 0.1, "step_size": 0.025})
+    out = bench.pgd20_check(str(path), bench.parse(["--pgd20-check", str(path), "--eval-examples", "64"]))
+    assert out["dataset"] == "digits" and out["n_examples"] == 64
+    assert out["difference_points"] == pytest.approx(100 * (out["pgd20_acc_fast"] - out["pgd20_acc_fp32"]))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "peeraid,madry"], "unknown method 'madry'"),
+    (["--student", "resnet9"], "unknown model 'resnet9'"),
+    (["--set", "beta=1", "--methods", "peeraid"], "--set beta"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--compile", "max"], "--compile"),
+    (["--pgd20-check", "/nonexistent/ckpt"], "does not exist"),
+])
+def test_bad_input_is_a_usage_error(argv, needle):
+    with pytest.raises(UsageError, match=None) as exc:
+        bench.parse(argv)
+    assert needle in str(exc.value)
+
+
+def test_bad_input_is_one_error_line():
+    assert_one_error_line(cli("bench", "--methods", "madry", timeout=120), "unknown method 'madry'", "peeraid")
