@@ -225,13 +225,20 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
         trial_id = m.get("trial_id") or (res.path and Path(res.path).name.split("_")[-2])
         run = next((r for n, r in children.items() if n and n.endswith(str(trial_id))), None)
         status = "ERROR" if res.error else ("COMPLETED" if "test/clean_acc" in m else "STOPPED")
-        if run is not None and run.info.status == "RUNNING":
+        # A trial that Tune stops (ASHA) or that is cut off while closing can leave its run RUNNING, or
+        # FAILED when the stop reached the trial's own error handler first: the run is set from what Tune saw.
+        if run is not None and run.info.status != "FINISHED":
             if status == "COMPLETED":  # trained and tested; only its closing step was cut off
                 tracking.log_checkpoint(cfg.tracking_uri, run.info.run_id, m.get("checkpoint_path") or "")
+                _drop_tag(c, run, "failure_reason")
                 c.set_terminated(run.info.run_id, status="FINISHED")
-            else:
-                c.set_tag(run.info.run_id, "stopped_early", "asha" if status == "STOPPED" else status.lower())
-                c.set_terminated(run.info.run_id, status="KILLED" if status == "STOPPED" else "FAILED")
+            elif status == "STOPPED":
+                _drop_tag(c, run, "failure_reason")
+                c.set_tag(run.info.run_id, "stopped_early", "asha")
+                c.set_terminated(run.info.run_id, status="KILLED")
+            elif run.info.status == "RUNNING":
+                c.set_tag(run.info.run_id, "failure_reason", _one_line(res.error)[:5000])
+                c.set_terminated(run.info.run_id, status="FAILED")
         params = {k: v for k, v in (res.config or {}).items()}
         rows.append({
             "trial_id": str(trial_id), "status": status, "params": params,
@@ -243,6 +250,11 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
                         if isinstance(v, (int, float)) and (k.startswith("test/") or k in ("val/pgd10_acc", "val/clean_acc", "val/best_pgd10_acc"))},
         })
     return rows
+
+
+def _drop_tag(c, run, key: str) -> None:
+    if key in run.data.tags:
+        c.delete_tag(run.info.run_id, key)
 
 
 def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None:

@@ -37,6 +37,12 @@ def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
     assert s["num_trials"] == 8 and len({t["trial_id"] for t in s["trials"]}) == 8
     runs = children(workdir, s["mlflow_run_id"])
     assert len(runs) == 8 and {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    by_id = {r.info.run_id: r for r in runs}
+    for t in s["trials"]:  # the MLflow run says what Tune did with the trial
+        run = by_id[t["mlflow_run_id"]]
+        want = {"COMPLETED": "FINISHED", "STOPPED": "KILLED"}[t["status"]]
+        assert run.info.status == want and "failure_reason" not in run.data.tags, (t, run.info.status, run.data.tags)
+        assert (run.data.tags.get("stopped_early") == "asha") == (t["status"] == "STOPPED")
     assert s["best"]["metrics"]["val_best_pgd10_acc"] > 0.3
     assert "test_aa_acc" in s["best"]["metrics"]  # AutoAttack on the top trial, written back to its run
     best_run = next(r for r in runs if r.info.run_id == s["best"]["mlflow_run_id"])
@@ -78,6 +84,31 @@ def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
     c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     for r in runs:
         assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "val/pgd10_acc")) == [0, 1, 2]
+
+
+def test_a_trial_whose_loss_turns_infinite_is_stopped_with_its_reason_and_the_search_goes_on(workdir):
+    """TRADES with beta = 1e39 overflows float32 in the first step. The seeded random sampler draws
+    both values of beta across the three trials (fixed: Optuna's RandomSampler with --seed 0)."""
+    space = workdir / "trades_nan.yaml"
+    space.write_text("method: trades\nparams:\n  beta: {categorical: [6.0, 1.0e+39]}\n")
+    proc = cli("tune", "trades", "--dataset", "digits", "--epochs", "2", "--num-samples", "3", "--max-concurrent", "1",
+               "--scheduler", "none", "--search", "random", "--seed", "0", "--top-k", "0",
+               "--search-space", str(space), *tune_args(workdir, "nan"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((workdir / "nan.json").read_text())
+    by_beta = {}
+    for t in s["trials"]:
+        by_beta.setdefault(float(t["params"]["beta"]), []).append(t)
+    assert set(by_beta) == {6.0, 1e39}, s["trials"]
+    runs = {r.info.run_id: r for r in children(workdir, s["mlflow_run_id"])}
+    for t in by_beta[1e39]:
+        assert t["status"] == "ERROR" and "non-finite" in t["error"], t
+        run = runs[t["mlflow_run_id"]]
+        assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure_reason"]
+    for t in by_beta[6.0]:  # the search went on: the other trials trained to the end
+        assert t["status"] == "COMPLETED" and t["epochs_completed"] == 2, t
+        assert runs[t["mlflow_run_id"]].info.status == "FINISHED"
+    assert s["best"]["params"]["beta"] == 6.0
 
 
 @pytest.mark.parametrize("argv,needle", [
