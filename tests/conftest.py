@@ -14,6 +14,30 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny kernels run on one intra-op thread (OpenMP synchronisation would dominate on a shared CPU);
+    the count is restored after the module. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixed_linear(weight, bias):
+    """A float64 Flatten + Linear network with the given weight (C, D) and bias (C,): logits by hand."""
+    import torch
+    from torch import nn
+
+    lin = nn.Linear(len(weight[0]), len(weight))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(weight))
+        lin.bias.copy_(torch.tensor(bias))
+    return nn.Sequential(nn.Flatten(), lin).double()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A folder with runs/ and an MLflow sqlite store."""

@@ -13,13 +13,7 @@ from raydistill import attacks as A
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 
 
 def tiny_cnn(seed: int = 0, classes: int = 10) -> nn.Module:

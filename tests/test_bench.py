@@ -43,13 +43,7 @@ PASSES = {
 EVAL_MODE_ATTACKS = {"trades", "pgd_at", "rslad", "adaad", "adaiad", "peeraid", "at_aka", "cat_aka"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels run on one intra-op thread (OpenMP synchronisation would dominate); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from raydistill.models import WideResNet, build_model
 SMALL = (3, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels run on one intra-op thread (OpenMP synchronisation would dominate); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -27,6 +27,8 @@ from raydistill.errors import UsageError
 from raydistill.methods import HP, Nets, StepContext, get_method
 from raydistill.models import build_model
 
+from conftest import fixed_linear
+
 OFFLINE = ["ard", "rslad", "akd2", "iad1", "iad2", "adaad", "adaiad"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +70,7 @@ ALPHA = softmax(TA)[np.arange(2), Y] ** 0.1  # IAD's alpha_i = P_T(x~_i | y_i)^b
 
 
 def linear(net: str) -> nn.Module:
-    lin = nn.Linear(4, C)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor(W[net]))
-        lin.bias.copy_(torch.tensor(B[net]))
-    return nn.Sequential(nn.Flatten(), lin).double()
+    return fixed_linear(W[net], B[net])
 
 
 class Counter:
@@ -403,8 +401,8 @@ def test_cli_refuses_bad_teachers_before_anything_starts(tmp_path, checkpoints, 
 # ---------------------------------------------------------------------------- end to end (slow)
 # Short digits schedules, each with one learning-rate decay before its last epoch. IAD's and
 # AdaIAD's introspection starts after epoch E2E_WARMUP (on CIFAR: 40-80 of 200 epochs).
-E2E = {"teacher": 5, "student": 4}
-E2E_WARMUP = 2
+E2E = {"teacher": 6, "student": 6}
+E2E_WARMUP = 3
 
 
 @pytest.fixture(scope="module")

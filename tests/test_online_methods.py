@@ -22,7 +22,7 @@ from raydistill.errors import UsageError
 from raydistill.methods import HP, Nets, StepContext, get_method
 from raydistill.methods.aka import amalgamate, amalgamation_weights, pareto_weights
 
-from conftest import cli, run_args, summary
+from conftest import cli, fixed_linear, run_args, summary
 
 # ---------------------------------------------------------------------------- fixed tiny problem
 # Linear "networks" on flattened 1x2x2 inputs, 3 classes; a batch of two samples.
@@ -68,11 +68,7 @@ LP = np.stack([ce_rows(z, Y) for z in ZP])  # their CE, (3, 2)
 
 
 def linear(net: str) -> nn.Module:
-    lin = nn.Linear(4, C)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor(W[net]))
-        lin.bias.copy_(torch.tensor(B[net]))
-    return nn.Sequential(nn.Flatten(), lin).double()
+    return fixed_linear(W[net], B[net])
 
 
 class Counter:
