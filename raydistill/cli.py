@@ -41,41 +41,20 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _checked(parse, ok, requirement: str, doc: str):
+    """An argparse ``type=`` function: ``parse`` the text, then require ``ok(value)``."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    check.__doc__ = doc
+    return check
 
 
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A number > 0 (fractions such as 2/255 allowed)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """A number >= 0 (fractions such as 8/255 allowed)."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in [0, 1]."""
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
+positive_int = _checked(_integer, lambda v: v >= 1, "a positive integer", "An integer >= 1.")
+nonneg_int = _checked(_integer, lambda v: v >= 0, "an integer >= 0", "An integer >= 0.")
+positive_float = _checked(_number, lambda v: v > 0, "a number > 0", "A number > 0 (fractions such as 2/255 allowed).")
+nonneg_float = _checked(_number, lambda v: v >= 0, "a number >= 0", "A number >= 0 (fractions such as 8/255 allowed).")
+probability = _checked(_number, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "A number in [0, 1].")
