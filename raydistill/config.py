@@ -1,6 +1,6 @@
 """One config path from the command line to the objects: TrainConfig.
 
-Precedence, lowest to highest: global defaults < dataset defaults < the method's hyperparameter
+Precedence, lowest to highest: global defaults < dataset defaults < the method's own settings and hyperparameter
 defaults < the method's preset for the dataset (the paper's published setting) < ``--preset NAME``
 < explicit flags and ``--set NAME=VALUE``. Every value is validated here, before anything is
 created, so bad input is one ``error:`` line.
@@ -217,6 +217,7 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
     if dataset not in DATASET_NAMES:
         raise UsageError(f"unknown dataset '{dataset}'; choose from: {', '.join(DATASET_NAMES)}")
     settings.update(DATASET_DEFAULTS[dataset])
+    settings.update(cls.settings)
     hp = dict(cls.hparams)
     paper = cls.presets.get(dataset, {})
     hp.update(paper.get("hp", {}))

@@ -407,9 +407,13 @@ class Trainer:
                 self.swa.update_parameters(self.nets.raw("student"))
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
+            # the best checkpoint by validation PGD-10: the student or its weight average
             if metrics["val/pgd10_acc"] > self.best["pgd10"]:
                 self.best = {"pgd10": metrics["val/pgd10_acc"], "epoch": epoch, "student": self.selected,
-                             "state_dict": _cpu(self.nets.raw(self.selected).state_dict())}
+                             "state_dict": _cpu(self.nets.raw(self.selected).state_dict()), "averaged": False}
+            if metrics.get("val/swa_pgd10_acc", -1.0) > self.best["pgd10"]:
+                self.best = {"pgd10": metrics["val/swa_pgd10_acc"], "epoch": epoch, "student": "student",
+                             "state_dict": _cpu(self.swa.module.state_dict()), "averaged": True}
             metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1,
                             "val/best_pgd10_acc": self.best["pgd10"]})
             self.history.append(metrics)
@@ -460,12 +464,13 @@ class Trainer:
         if self.best["state_dict"] is not None:
             model.load_state_dict(self.best["state_dict"])
         model.eval()
-        out = {"best_epoch": self.best["epoch"] + 1}
+        out = {"best_epoch": self.best["epoch"] + 1, "best_is_averaged": float(self.best.get("averaged", False))}
         out.update(self.robust_eval(model, d.test_x, d.test_y, list(cfg.test_attacks), "test/"))
         if self.swa is not None and self.swa.n_averaged.item() > 0:
             out.update(self.robust_eval(self.swa.module, d.test_x, d.test_y, list(cfg.test_attacks), "test/swa_"))
         if self.is_main:
-            print("[raydistill] test (best PGD-10 checkpoint, epoch %d): %s" % (out["best_epoch"], "  ".join(
+            which = "weight-averaged student" if self.best.get("averaged") else "student"
+            print("[raydistill] test (best PGD-10 checkpoint: %s, epoch %d): %s" % (which, out["best_epoch"], "  ".join(
                 f"{k[5:]} {v:.4f}" for k, v in out.items() if k.startswith("test/"))), flush=True)
         return out
 

@@ -196,6 +196,7 @@ class EpochLogger:
         self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms))
         self.c.set_tag(self.run_id, "epochs_completed", str(final["epochs_completed"]))
         self.c.set_tag(self.run_id, "best_epoch", str(final["best_epoch"]))
+        self.c.set_tag(self.run_id, "best_is_averaged", str(bool(final.get("best_is_averaged"))).lower())
 
     @staticmethod
     def _retry(fn, tries: int = 5):

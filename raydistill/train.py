@@ -154,13 +154,15 @@ def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),
+            "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),
             "metrics": test, "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
             "wall_time_s": round(wall, 2)}
 
 
 def print_summary(s: dict[str, Any]) -> None:
     rows = [("method", s["method"]), ("dataset", s["dataset"]), ("student", s["student"]),
-            ("epochs", s["epochs_completed"]), ("best epoch", s["best_epoch"])]
+            ("epochs", s["epochs_completed"]), ("best epoch", s["best_epoch"]),
+            ("best checkpoint", "weight-averaged student" if s["best_is_averaged"] else "student")]
     rows += [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
     rows += [("wall time", f"{s['wall_time_s']:.1f}s"), ("checkpoint", s["checkpoint"]),
              ("mlflow run", s["mlflow_run_id"])]

@@ -422,7 +422,6 @@ def digits(tmp_path_factory):
     return train, train("pgd_at", E2E["teacher"]), train("natural", E2E["student"])
 
 
-@pytest.mark.pending  # one method missed the +25-points bar in its last contended run; schedule being tuned
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OFFLINE)
 def test_end_to_end_on_digits_beats_natural_training(digits, name):

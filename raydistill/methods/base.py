@@ -94,6 +94,8 @@ class Method:
     hparams: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     presets: ClassVar[dict[str, dict]] = {}
+    # training settings the method always starts from, on every dataset (below its presets and flags)
+    settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -35,7 +35,7 @@ from .. import attacks
 from ..losses import REDUCTIONS, accuracy, ce, kl
 from .base import Method, NetSpec
 
-CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4, "swa_start": 215}
+CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4}
 
 
 class PeerAiD(Method):
@@ -45,12 +45,13 @@ class PeerAiD(Method):
     hparams = {"tau": 5.0, "tau_p": 1.0, "gamma1": 1.0, "gamma2": 0.1, "lambda1": 0.0, "lambda2": 1.0,
                "lambda3": 1.0, "kl_reduction": "mean", "detach_student_in_peer_kl": False,
                "detach_clean_in_self_kl": False, "bn_mode": "eval", "random_start": "normal"}
+    settings = {"swa_start": "first_decay"}  # the student's weights averaged from the first decay on
     choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
     presets = {
         "cifar10": CIFAR,
         "cifar100": {**CIFAR, "hp": {"gamma2": 1.0}},
         # the paper's ResNet-18 schedule on TinyImageNet: 200 epochs, decays at 100 and 150
-        "tinyimagenet": {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4, "swa_start": 100,
+        "tinyimagenet": {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4,
                          "hp": {"tau": 1.0, "gamma2": 100.0, "lambda1": 0.035, "lambda2": 35.0, "lambda3": 20.0}},
     }
 
