@@ -71,12 +71,17 @@ def test_natural_model_is_accurate_and_not_robust(trained):
 
 
 @pytest.mark.slow
-def test_autoattack_is_the_strongest(trained):
+def test_autoattack_is_the_strongest_and_pgd20_is_not_weak(trained):
+    """At eps 0.1 a natural small_cnn keeps about half its accuracy on 8x8 digits (each pixel has 17
+    grey levels; 0.1 is 1.6 of them), so the ordering is informative there: measured on these 100
+    images FGSM 0.63, PGD-20 0.53, AutoAttack 0.50. AutoAttack, the authors' independent implementation,
+    confirms that our PGD-20 is within a few points of the strongest attack."""
     model, data = trained
     start = time.perf_counter()
-    res = evaluate(model, data.test_x[:N], data.test_y[:N], ["fgsm", "pgd20", "aa"], eps=EPS, aa_n_examples=N)
-    print(f"fgsm+pgd20+aa on {N} digits: {time.perf_counter() - start:.1f}s {res}")
+    res = evaluate(model, data.test_x[:N], data.test_y[:N], ["fgsm", "pgd20", "aa"], eps=0.1, aa_n_examples=N)
+    print(f"fgsm+pgd20+aa on {N} digits at eps 0.1: {time.perf_counter() - start:.1f}s {res}")
     assert res["fgsm_acc"] >= res["pgd20_acc"] >= res["aa_acc"]
+    assert res["pgd20_acc"] - res["aa_acc"] <= 0.05 and res["aa_acc"] > 0.2
 
 
 def test_evaluate_takes_uint8_restores_the_mode_and_reports_progress(trained):
