@@ -346,8 +346,10 @@ def _short(v: Any) -> str:
 
 
 def _one_line(err: Any) -> str:
-    text = str(err).strip().splitlines()
-    return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")[:500]
+    """The innermost meaningful line of a trial's error (Ray wraps the trial's exception twice)."""
+    from .train import root_cause
+
+    return root_cause(err)[:500] if isinstance(err, BaseException) else str(err).strip()[-500:]
 
 
 run = cli_entry(main)

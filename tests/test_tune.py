@@ -72,7 +72,8 @@ def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # what a user does after a crash
+    # what a user does after a crash: stop the Ray processes the killed driver left behind
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
     again = cli("tune", *args, "--resume", timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     s = json.loads((workdir / "k.json").read_text())
