@@ -543,13 +543,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def print_result(r: dict[str, Any]) -> None:
+    passes = "  ".join(f"{n} {p['forward']}f/{p['backward']}b" for n, p in r["passes"].items())
+    mem = f"{r['peak_mem_mb']:.0f} MiB" if r["peak_mem_mb"] is not None else "n/a"
+    print(f"{r['method']:>8}: {r['images_per_s']:8.1f} img/s train | eval clean "
+          f"{r['eval_images_per_s']['clean']:.0f}, pgd20 {r['eval_images_per_s']['pgd20']:.1f} img/s | "
+          f"data {100 * r['data_share']:.1f}% | {passes} | peak {mem}", flush=True)
+
+
 def print_report(out: dict[str, Any]) -> None:
-    for r in out.get("results", []):
-        passes = "  ".join(f"{n} {p['forward']}f/{p['backward']}b" for n, p in r["passes"].items())
-        mem = f"{r['peak_mem_mb']:.0f} MiB" if r["peak_mem_mb"] is not None else "n/a"
-        print(f"{r['method']:>8}: {r['images_per_s']:8.1f} img/s train | eval clean "
-              f"{r['eval_images_per_s']['clean']:.0f}, pgd20 {r['eval_images_per_s']['pgd20']:.1f} img/s | "
-              f"data {100 * r['data_share']:.1f}% | {passes} | peak {mem}")
+    """Everything but the per-method rows, which are printed as each method finishes."""
     for key in ("ablation", "compare_authors_peeraid"):
         for name, v in out.get(key, {}).items():
             print(f"{key} {name:>28}: {v['images_per_s']:8.1f} img/s  x{v['speedup']:.3f} (median of rounds)")
@@ -581,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
             elif args.ablation:
                 out["ablation"] = ablation(bench, args.methods[0])
             else:
-                out["results"] = [bench_method(bench, m) for m in args.methods]
+                out["results"] = []
+                for m in args.methods:  # one line per method as it finishes: a long benchmark shows progress
+                    out["results"].append(bench_method(bench, m))
+                    print_result(out["results"][-1])
             if args.ray_overhead:
                 out["ray_overhead"] = ray_overhead(bench, args.methods[0])
             out["machine"]["threads"] = torch.get_num_threads()

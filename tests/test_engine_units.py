@@ -117,6 +117,32 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left
 
 
+def test_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL in the middle of torch.save (no Python cleanup can run): the file keeps its old content."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "state.pt"
+    checkpoint.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+    code = textwrap.dedent(f"""
+        import os, signal, torch
+        from raydistill import checkpoint
+
+        def dying_save(obj, fh):
+            fh.write(b"partial bytes")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = dying_save
+        checkpoint.atomic_save({{"epoch": 2}}, {str(path)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert checkpoint.safe_load(path)["epoch"] == 1
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the write did start
+
+
 class _Evil:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))
