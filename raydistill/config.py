@@ -26,14 +26,14 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar100": dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110]),
     "tinyimagenet": dict(eps=8 / 255, step_size=2 / 255, epochs=100, batch_size=128, lr=0.1, lr_milestones=[50, 75]),
     "digits": dict(eps=0.1, step_size=0.025, epochs=15, batch_size=64, lr=0.05, lr_milestones=[10, 13],
-                   student="small_cnn", peer="small_cnn"),
+                   student="small_cnn"),
     "synthetic": dict(eps=8 / 255, step_size=2 / 255, epochs=5, batch_size=64, lr=0.05, lr_milestones=[3, 4],
-                      student="small_cnn", peer="small_cnn"),
+                      student="small_cnn"),
 }
 
 # Named presets (--preset). Method+dataset presets (paper settings) live on each method class.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quickstart": dict(dataset="digits", student="small_cnn", peer="small_cnn", epochs=8, batch_size=64,
+    "quickstart": dict(dataset="digits", student="small_cnn", epochs=8, batch_size=64,
                        lr=0.05, lr_milestones=[6], val_size=200),
 }
 
