@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config, storage_path
 from .errors import UsageError, cli_entry
@@ -96,7 +99,6 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     from .engine import train_worker
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold progress lines that differ only in numbers
         ray.init(logging_level="ERROR", log_to_driver=not quiet)
     gpus = cfg.gpus_per_worker
     if gpus is None:

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 from .cli import ArgParser, nonneg_float, positive_int
 from .config import TrainConfig, add_run_options, build_config, coerce_hparam, storage_path
 from .errors import UsageError, cli_entry
@@ -148,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold progress lines that differ only in numbers
         ray.init(logging_level="ERROR")
     if cfg.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
         cfg.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1) // (max_concurrent * cfg.workers)))
