@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast test-pending venv clean
+.PHONY: quickstart test test-fast venv clean
 
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,13 +17,10 @@ quickstart: $(BIN)/activate
 	$(BIN)/python -m raydistill.quickstart
 
 test: $(BIN)/activate
-	$(BIN)/python -m pytest -q -m 'not pending'
-
-test-pending: $(BIN)/activate
-	$(BIN)/python -m pytest -q -m pending
+	$(BIN)/python -m pytest -q
 
 test-fast: $(BIN)/activate
-	$(BIN)/python -m pytest -q -m 'not slow and not pending'
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 clean:
 	rm -rf $(VENV) *.egg-info
