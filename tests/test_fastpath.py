@@ -146,23 +146,33 @@ def test_a_frozen_teacher_is_folded_once():
 
 
 def test_the_strict_features_keep_the_training_step(tmp_path):
-    """One PeerAiD step with fold_bn + input_grads_only + channels_last (fp32) gives the plain step's weights."""
+    """One PeerAiD step (ResNet-18 student and peer) with fold_bn + input_grads_only + channels_last
+    (fp32) makes the plain step's update up to float rounding: folding changes the last bits of the
+    attack's gradients, which can flip the sign of a few PGD steps' near-zero components. Measured:
+    the updates differ by 0.4 % (student) and 0.05 % (peer) of their norm; a wrong feature (e.g. the
+    attack on train-mode BatchNorm, or weights not refreshed) changes them by far more."""
     from raydistill import bench
 
     args = bench.parse(["--student", "resnet18", "--image-size", "16", "--batch-size", "8", "--steps", "1",
                         "--attack-steps", "3", "--eval-examples", "8", "--threads", "1"])
     b = bench.Bench(args, str(tmp_path))
-    updated = []
+    def flat(trainer, n):
+        return torch.cat([p.detach().flatten().clone() for p in trainer.nets.raw(n).parameters()])
+
+    updates, starts = [], []
     for features in ({}, bench.FAST):
         trainer = b.trainer(b.config("peeraid", **features))
+        before = {n: flat(trainer, n) for n in ("student", "peer")}
+        starts.append(before)
         x, y = next(bench.batches(trainer))
         torch.manual_seed(0)
         bench.production_step(trainer)(x, y)
-        updated.append({n: torch.cat([p.detach().flatten() for p in trainer.nets.raw(n).parameters()])
-                        for n in ("student", "peer")})
+        updates.append({n: flat(trainer, n) - before[n] for n in ("student", "peer")})
     assert fastpath.views_of(trainer.nets.raw("student"))  # the attack ran on the folded copy
     for n in ("student", "peer"):
-        assert torch.allclose(updated[0][n], updated[1][n], rtol=1e-4, atol=1e-5), n
+        assert torch.equal(starts[0][n], starts[1][n]), n  # the same initial weights
+        plain, fast = updates[0][n], updates[1][n]
+        assert plain.norm() > 0 and (plain - fast).norm() <= 0.02 * plain.norm(), n
 
 
 @pytest.mark.slow
