@@ -165,7 +165,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-size", type=nonneg_int, help="held-out validation images from the training split (0: use the test split, as the authors' code does)")
     g = p.add_argument_group("models")
     g.add_argument("--student", help="student architecture")
-    g.add_argument("--peer", help="peer architecture (online methods)")
+    g.add_argument("--peer", help="peer architecture of peeraid, and of the teachers at_aka trains (default: the student's)")
     g.add_argument("--teacher", help="robust teacher checkpoint (offline methods)")
     g.add_argument("--teacher-arch", help="architecture of an external --teacher state_dict")
     g.add_argument("--natural-teacher", help="naturally trained teacher checkpoint (akd2, iad2)")
