@@ -11,7 +11,9 @@ Resume: the checkpoint holds every network, optimizer, the averaged weights, the
 state and the metric history, so a restarted worker group (or a relaunch with the same --name,
 also with another worker count) continues exactly where the last checkpoint left off. Metrics
 are logged to MLflow only after their checkpoint is persisted, and on resume any epoch in the
-checkpoint's history that MLflow lacks is logged first: every epoch appears exactly once.
+checkpoint's history that MLflow lacks is logged first; an epoch MLflow already has (logged
+before a crash that lost its checkpoint, then redone) is not logged again: every epoch appears
+exactly once.
 """
 from __future__ import annotations
 

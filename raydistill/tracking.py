@@ -165,41 +165,59 @@ def delete_run(uri: str, run_id: str) -> None:
 
 
 class EpochLogger:
-    """Rank 0's MLflow writer: per-epoch metrics exactly once, final test figures, checkpoints."""
+    """Rank 0's MLflow writer: per-epoch metrics exactly once, final test figures, checkpoints.
+
+    An epoch is logged at most once, whatever happened before: a worker killed after logging an
+    epoch but before Ray registered that epoch's checkpoint redoes the epoch from the previous
+    checkpoint (with the same RNG states, so the same figures), and a request that timed out after
+    the server stored it is not sent again. The set of logged epochs is read from MLflow when the
+    worker starts (no other writer logs to the run while it lives) and kept up to date after.
+    """
+
+    PROBE = "val/pgd10_acc"  # logged every epoch, in the same atomic log_batch as the rest
 
     def __init__(self, uri: str, run_id: str):
         self.c, self.run_id = client(uri), run_id
+        self.logged = self._logged_epochs()
 
     def _logged_epochs(self) -> set[int]:
-        return {m.step for m in self.c.get_metric_history(self.run_id, "val/pgd10_acc")}
+        return {m.step for m in self.c.get_metric_history(self.run_id, self.PROBE)}
 
     def backfill(self, history: list[dict]) -> None:
         """Log epochs present in the checkpoint's history that MLflow lacks (after a crash)."""
-        logged = self._logged_epochs()
         for m in history:
-            if int(m["epoch"]) - 1 not in logged:
-                self.log_epoch(int(m["epoch"]) - 1, m)
+            self.log_epoch(int(m["epoch"]) - 1, m)
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        if epoch in self.logged:
+            return
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
               if isinstance(v, (int, float)) and k not in ("epoch",)]
-        self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms))
+        self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms),
+                    done=lambda: epoch in self._logged_epochs())
+        self.logged.add(epoch)
 
     def log_final(self, final: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, 0) for k, v in final.items() if k.startswith("test/")]
-        self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms))
+        # step = epochs the figures reflect: a relaunch with more epochs adds a step, a relaunch
+        # after a crash between this call and the run's end does not log the same figures twice
+        step = int(final["epochs_completed"])
+        done = lambda: any(m.step == step for m in self.c.get_metric_history(self.run_id, "test/clean_acc"))
+        if not done():
+            now = int(time.time() * 1000)
+            ms = [Metric(k, float(v), now, step) for k, v in final.items() if k.startswith("test/")]
+            self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms), done=done)
         self.c.set_tag(self.run_id, "epochs_completed", str(final["epochs_completed"]))
         self.c.set_tag(self.run_id, "best_epoch", str(final["best_epoch"]))
         self.c.set_tag(self.run_id, "best_is_averaged", str(bool(final.get("best_is_averaged"))).lower())
 
     @staticmethod
-    def _retry(fn, tries: int = 5):
+    def _retry(fn, tries: int = 5, done=lambda: False):
+        """Call fn, retrying with back-off; before a retry, ``done()`` says whether it took after all."""
         for i in range(tries):
             try:
                 return fn()
@@ -207,3 +225,8 @@ class EpochLogger:
                 if i == tries - 1:
                     raise
                 time.sleep(0.5 * 2 ** i)
+                try:
+                    if done():
+                        return None
+                except Exception:
+                    pass

@@ -156,3 +156,61 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="refused by the safe loader"):
         checkpoint.safe_load(bad)
     assert not (tmp_path / "PWNED").exists()
+
+
+def _fresh_run(tmp_path):
+    from raydistill import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "epochlogger")
+    return uri, c, c.create_run(exp).info.run_id
+
+
+def _steps(c, run_id, key):
+    return sorted(m.step for m in c.get_metric_history(run_id, key))
+
+
+def test_an_epoch_logged_before_a_crash_is_not_logged_again_on_restart(tmp_path):
+    """Worker killed after logging epoch 0 but before Ray registered its checkpoint: the restarted
+    worker redoes epoch 0 from scratch (empty history) and must not log it a second time."""
+    from raydistill.tracking import EpochLogger
+
+    uri, c, run_id = _fresh_run(tmp_path)
+    m0 = {"epoch": 1, "val/pgd10_acc": 0.25, "train/loss": 2.0}
+    first = EpochLogger(uri, run_id)
+    first.backfill([])
+    first.log_epoch(0, m0)
+    # restart without the epoch-0 checkpoint: the same epoch is trained and logged again
+    second = EpochLogger(uri, run_id)
+    second.backfill([])
+    second.log_epoch(0, m0)
+    second.log_epoch(1, dict(m0, epoch=2))
+    # restart with a checkpoint whose history MLflow lacks in part: only the missing epoch is added
+    third = EpochLogger(uri, run_id)
+    third.backfill([m0, dict(m0, epoch=2), dict(m0, epoch=3)])
+    assert _steps(c, run_id, "val/pgd10_acc") == [0, 1, 2]
+    assert _steps(c, run_id, "train/loss") == [0, 1, 2]
+
+
+def test_a_log_request_that_failed_after_the_server_stored_it_is_not_repeated(tmp_path, monkeypatch):
+    from raydistill.tracking import EpochLogger
+
+    uri, c, run_id = _fresh_run(tmp_path)
+    logger = EpochLogger(uri, run_id)
+    real, calls = logger.c.log_batch, []
+
+    def stored_then_timed_out(*a, **kw):
+        calls.append(1)
+        real(*a, **kw)
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(logger.c, "log_batch", stored_then_timed_out)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    logger.log_epoch(0, {"epoch": 1, "val/pgd10_acc": 0.5})
+    final = {"epochs_completed": 1, "best_epoch": 0, "test/clean_acc": 0.9, "test/pgd20_acc": 0.4}
+    logger.log_final(final)
+    logger.log_final(final)  # relaunched after the run ended: same figures, not logged again
+    assert len(calls) == 2
+    assert _steps(c, run_id, "val/pgd10_acc") == [0]
+    assert _steps(c, run_id, "test/clean_acc") == [1]
