@@ -207,7 +207,7 @@ class EpochLogger:
         # after a crash between this call and the run's end does not log the same figures twice
         step = int(final["epochs_completed"])
         done = lambda: any(m.step == step for m in self.c.get_metric_history(self.run_id, "test/clean_acc"))
-        if not done():
+        if not self._retry(done):
             now = int(time.time() * 1000)
             ms = [Metric(k, float(v), now, step) for k, v in final.items() if k.startswith("test/")]
             self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms), done=done)
