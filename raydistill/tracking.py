@@ -178,10 +178,11 @@ class EpochLogger:
 
     def __init__(self, uri: str, run_id: str):
         self.c, self.run_id = client(uri), run_id
-        self.logged = self._logged_epochs()
+        self.logged = self._steps(self.PROBE)
 
-    def _logged_epochs(self) -> set[int]:
-        return {m.step for m in self.c.get_metric_history(self.run_id, self.PROBE)}
+    def _steps(self, key: str) -> set[int]:
+        """The steps at which ``key`` is logged in this run."""
+        return {m.step for m in self.c.get_metric_history(self.run_id, key)}
 
     def backfill(self, history: list[dict]) -> None:
         """Log epochs present in the checkpoint's history that MLflow lacks (after a crash)."""
@@ -197,7 +198,7 @@ class EpochLogger:
         ms = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
               if isinstance(v, (int, float)) and k not in ("epoch",)]
         self._retry(lambda: self.c.log_batch(self.run_id, metrics=ms),
-                    done=lambda: epoch in self._logged_epochs())
+                    done=lambda: epoch in self._steps(self.PROBE))
         self.logged.add(epoch)
 
     def log_final(self, final: dict[str, Any]) -> None:
@@ -206,7 +207,7 @@ class EpochLogger:
         # step = epochs the figures reflect: a relaunch with more epochs adds a step, a relaunch
         # after a crash between this call and the run's end does not log the same figures twice
         step = int(final["epochs_completed"])
-        done = lambda: any(m.step == step for m in self.c.get_metric_history(self.run_id, "test/clean_acc"))
+        done = lambda: step in self._steps("test/clean_acc")
         if not self._retry(done):
             now = int(time.time() * 1000)
             ms = [Metric(k, float(v), now, step) for k, v in final.items() if k.startswith("test/")]
