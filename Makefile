@@ -17,7 +17,7 @@ quickstart: $(BIN)/activate
 	$(BIN)/python -m raydistill.quickstart
 
 test: $(BIN)/activate
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(BIN)/activate
 	$(BIN)/python -m pytest -q -m 'not slow'
