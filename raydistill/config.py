@@ -86,7 +86,7 @@ class TrainConfig:
     test_attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
     preset: str | None = None
     log_every: int = 0
-    fault: str | None = None  # testing only: "kill:EPOCH:RANK:MARKER" kills that worker once
+    fault: str | None = None  # testing only: "kill:EPOCH:RANK:MARKER,..." kills that worker once (Trainer.maybe_fault)
     debug_dump: str | None = None  # testing only: each rank writes weight digests here at the end
 
     def to_dict(self) -> dict:

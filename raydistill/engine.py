@@ -21,6 +21,7 @@ import copy
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -76,11 +77,11 @@ class LocalSession:
         self.checkpoint_path = str(path)
         return safe_load(path / STATE_FILE, "resume checkpoint")
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, repeated: bool = False) -> None:
         if checkpoint_dir is not None:
             epoch = int(metrics["epoch"])
-            final = self.run_dir / f"checkpoint_{epoch:06d}"
-            tmp = self.run_dir / f".tmp_checkpoint_{epoch:06d}"
+            final = self.run_dir / checkpoint_name(epoch)
+            tmp = self.run_dir / f".tmp_{checkpoint_name(epoch)}"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -111,19 +112,65 @@ class RaySession:
         return ray.train.torch.prepare_model(model, move_to_device=True)
 
     def load_checkpoint(self) -> dict | None:
+        """The newest complete checkpoint: Ray's latest registered one, or a newer one in the run's
+        storage that Ray never registered.
+
+        Ray Train registers a checkpoint only once its controller has collected the report of every
+        rank, which it polls every few seconds; a worker that dies in between leaves the epoch's
+        checkpoint persisted (rank 0 uploads it before its report returns) but unknown to Ray.
+        Checkpoint folders are named by epoch (``checkpoint_NNNNNN``), so such a folder is found
+        here; one that a crash left half-uploaded does not load and is passed over."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
+        registered = ray.train.get_checkpoint()
+        newest = _checkpoint_epoch(registered.path) if registered is not None else -1
+        storage = ray.train.get_context().get_storage()
+        for epoch, path in reversed(self._stored_checkpoints(storage)):
+            if epoch <= newest:
+                break
+            try:
+                state = self._read(ray.train.Checkpoint(path, filesystem=storage.storage_filesystem))
+            except Exception:  # half-written by a worker that died while uploading it
+                continue
+            if self.rank == 0:
+                print(f"[raydistill] {path.rsplit('/', 1)[-1]} was persisted but not registered by Ray "
+                      f"before the failure; resuming from it", flush=True)
+            return state
+        return self._read(registered) if registered is not None else None
+
+    @staticmethod
+    def _stored_checkpoints(storage) -> list[tuple[int, str]]:
+        """(epoch, path) of every checkpoint folder in the run's storage, oldest first."""
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = storage.storage_filesystem.get_file_info(FileSelector(storage.experiment_fs_path, allow_not_found=True))
+        found = [(_checkpoint_epoch(i.path), i.path) for i in infos if i.type == FileType.Directory]
+        return sorted(f for f in found if f[0] >= 0)
+
+    @staticmethod
+    def _read(ckpt) -> dict:
         with ckpt.as_directory() as d:
             return safe_load(Path(d) / STATE_FILE, "resume checkpoint")
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, repeated: bool = False) -> None:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # named by epoch (on every rank: Ray checks that the names agree) so that load_checkpoint finds
+        # it; a finished run's epoch reported again gets Ray's default name: a folder Ray registered
+        # once is never written twice (Ray deletes old checkpoints by folder)
+        name = None if repeated else checkpoint_name(int(metrics["epochs_completed"]))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def checkpoint_name(epochs_completed: int) -> str:
+    return f"checkpoint_{epochs_completed:06d}"
+
+
+def _checkpoint_epoch(path: str) -> int:
+    """N of a folder named ``checkpoint_NNNNNN`` (the epochs it holds), else -1."""
+    m = re.fullmatch(r"checkpoint_(\d{6})", str(path).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else -1
 
 
 def train_worker(config: dict) -> None:
@@ -234,7 +281,8 @@ class Trainer:
                                   crop_pad=d.crop_pad, hflip=d.hflip, device=self.device)
         for i, (x, y) in enumerate(batches):
             ctx.epoch = ctx.hp.epoch = epoch + i / n_batches
-            self.maybe_fault(epoch, i, n_batches)
+            if i == n_batches // 2:
+                self.maybe_fault(epoch, "kill")
             losses = self.train_step(x, y, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
@@ -286,14 +334,16 @@ class Trainer:
             for b in self.nets.raw(n).buffers():
                 dist.broadcast(b.data, src=0)
 
-    def maybe_fault(self, epoch: int, i: int, n_batches: int) -> None:
-        """Testing hook (cfg.fault = 'kill:EPOCH:RANK:MARKER'): SIGKILL this worker once, mid-epoch."""
-        if not self.cfg.fault or i != n_batches // 2:
-            return
-        _, e, r, marker = self.cfg.fault.split(":", 3)
-        if int(e) == epoch and int(r) == self.s.rank and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+    def maybe_fault(self, epoch: int, when: str) -> None:
+        """Testing hook: ``cfg.fault`` is a comma-separated list of ``WHEN:EPOCH:RANK:MARKER``; the worker
+        of that rank SIGKILLs itself once (the marker file records it) at that point of epoch EPOCH
+        (0-based): WHEN = ``kill`` halfway through the epoch's batches, ``kill-after-report`` right
+        after the epoch's checkpoint is reported (before Ray's controller can register it)."""
+        for fault in (self.cfg.fault or "").split(","):
+            kind, e, r, marker = fault.split(":", 3) if fault.count(":") >= 3 else ("", "-1", "-1", "")
+            if kind == when and int(e) == epoch and int(r) == self.s.rank and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ evaluation
     def shard(self, x: torch.Tensor, y: torch.Tensor):
@@ -423,10 +473,11 @@ class Trainer:
                 print(progress_line(epoch, cfg.epochs, metrics), flush=True)
             # the last epoch's report carries the test figures (Ray returns the last checkpointed metrics)
             self.report(dict(metrics, **self.test()) if epoch == cfg.epochs - 1 else metrics)
+            self.maybe_fault(epoch, "kill-after-report")
             if self.logger:
                 self.logger.log_epoch(epoch, metrics)
         if self.start_epoch >= cfg.epochs:  # relaunched after completion: just the test figures again
-            self.report(dict(self.history[-1], **self.test()))
+            self.report(dict(self.history[-1], **self.test()), repeated=True)
         if cfg.debug_dump:
             self.dump_weights(cfg.debug_dump)
 
@@ -450,12 +501,12 @@ class Trainer:
         Path(folder).mkdir(parents=True, exist_ok=True)
         Path(folder, f"rank{self.s.rank}.json").write_text(json.dumps(digests))
 
-    def report(self, metrics: dict) -> None:
+    def report(self, metrics: dict, repeated: bool = False) -> None:
         """Checkpoint (rank 0 writes it) and report; the test figures, if present, go to MLflow."""
         with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
             if self.is_main:
                 self.write_checkpoint(int(metrics["epochs_completed"]), tmp)
-            self.s.report(metrics, tmp if self.is_main else None)
+            self.s.report(metrics, tmp if self.is_main else None, repeated)
         if self.logger and any(k.startswith("test/") for k in metrics):
             self.logger.log_final(metrics)
 

@@ -214,3 +214,43 @@ def test_a_log_request_that_failed_after_the_server_stored_it_is_not_repeated(tm
     assert len(calls) == 2
     assert _steps(c, run_id, "val/pgd10_acc") == [0]
     assert _steps(c, run_id, "test/clean_acc") == [1]
+
+
+def test_resume_takes_the_newest_stored_checkpoint_that_ray_never_registered(tmp_path, monkeypatch):
+    """A worker that dies between rank 0's upload of an epoch's checkpoint and the controller's next
+    poll leaves that checkpoint persisted but unregistered: the restarted group resumes from it, not
+    from Ray's older one; a half-uploaded folder (does not load) is passed over."""
+    import shutil
+    import types
+
+    import pyarrow.fs
+    import ray.train
+
+    from raydistill.engine import RaySession, checkpoint_name
+
+    for epochs, content in ((1, {"epoch": 1}), (2, {"epoch": 2}), (3, None)):
+        folder = tmp_path / checkpoint_name(epochs)
+        folder.mkdir()
+        if content is None:
+            (folder / checkpoint.STATE_FILE).write_bytes(b"PK\x03\x04 truncated upload")
+        else:
+            checkpoint.atomic_save(content, folder / checkpoint.STATE_FILE)
+    (tmp_path / "checkpoint_2026-11-30_10-00-00.000000").mkdir()  # Ray's default naming: not ours
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(tmp_path))
+    monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
+    session = object.__new__(RaySession)
+    session.rank = 0
+
+    registered = ray.train.Checkpoint(str(tmp_path / checkpoint_name(1)))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: registered)
+    assert RaySession._stored_checkpoints(storage) == [(n, str(tmp_path / checkpoint_name(n))) for n in (1, 2, 3)]
+    assert session.load_checkpoint() == {"epoch": 2}  # 3 is half-written, 2 is newer than Ray's 1
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert session.load_checkpoint() == {"epoch": 2}  # Ray registered none yet
+    registered = ray.train.Checkpoint(str(tmp_path / checkpoint_name(2)))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: registered)
+    assert session.load_checkpoint() == {"epoch": 2}
+    for n in (1, 2, 3):
+        shutil.rmtree(tmp_path / checkpoint_name(n))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert session.load_checkpoint() is None  # a fresh run

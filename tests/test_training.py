@@ -35,15 +35,21 @@ def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
 
 
 def test_killed_worker_is_restarted_and_nothing_is_lost(workdir):
-    marker = workdir / "killed"
+    """Two faults in one run of 3 epochs on 2 workers: rank 1 dies halfway through epoch 1 (the
+    group restarts from the epoch-0 checkpoint), then rank 0 dies right after reporting epoch 1's
+    checkpoint, before Ray's controller (which polls every 2 s) can have registered it: the group
+    must resume from that persisted checkpoint, not redo the epoch, and log each epoch once."""
+    mid, after_report = workdir / "killed_mid_epoch", workdir / "killed_after_report"
     proc = cli("train", "pgd_at", "--dataset", "digits", "--workers", "2", "--epochs", "3", "--max-failures", "2",
-               "--fault", f"kill:1:1:{marker}", *run_args(workdir, "kill"))
+               "--fault", f"kill:1:1:{mid},kill-after-report:1:0:{after_report}", *run_args(workdir, "kill"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert marker.exists(), "the worker was never killed"
+    assert mid.exists() and after_report.exists(), "a worker was never killed"
+    out = proc.stdout + proc.stderr
     s = summary(workdir, "kill")
     assert s["epochs_completed"] == 3
     assert history(workdir, s["mlflow_run_id"]) == [0, 1, 2]  # no epoch missing or repeated
-    assert "resumed from epoch 1" in proc.stdout + proc.stderr
+    assert history(workdir, s["mlflow_run_id"], "train/loss_ce") == [0, 1, 2]
+    assert "resumed from epoch 1" in out and "resumed from epoch 2" in out, out[-3000:]
 
 
 def test_in_process_and_one_ray_worker_give_identical_metrics(workdir):
