@@ -177,8 +177,12 @@ def train_worker(config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``."""
     import logging
 
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.train")] + ["ray.train"]:
-        logging.getLogger(name).setLevel(logging.WARNING)  # our own progress line says enough
+    # our own progress line says enough; some Ray Train modules name their logger by file path
+    # ("Reporting training result ..." at INFO, once per epoch and rank)
+    ray_train = ("ray.train", os.path.join("ray", "train", ""))
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith(ray_train[0]) or ray_train[1] in n]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     Trainer(TrainConfig.from_dict(config), RaySession()).run()
 
 
