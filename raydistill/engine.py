@@ -43,6 +43,7 @@ from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
 
 LAST_MODEL_FILE = "last_model.pt"
+WORKER_SWITCH_INTERVAL_S = 0.05  # the GIL switch interval in Ray Train workers (see train_worker)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -183,7 +184,19 @@ def train_worker(config: dict) -> None:
     for name in [n for n in logging.root.manager.loggerDict if n.startswith(ray_train[0]) or ray_train[1] in n]:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    Trainer(TrainConfig.from_dict(config), RaySession()).run()
+    # Ray Train runs this function in a thread of the worker actor, beside threads of Ray's that ask
+    # for the GIL now and then. At CPython's default switch interval (5 ms) each such request takes
+    # the GIL from the training thread; while it waits to get it back, the intra-op (OpenMP) threads
+    # stop spinning and go to sleep, and every later parallel region has to wake them: a step of
+    # small kernels ran at half speed (small CNN PGD-AT step, 2 threads: 66 ms vs 30 ms in the
+    # actor's main thread or a plain process). Torch releases the GIL in every operator anyway, so
+    # Ray's threads still get it within milliseconds (BENCHMARKS.md, "Ray Train's overhead").
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    try:
+        Trainer(TrainConfig.from_dict(config), RaySession()).run()
+    finally:
+        sys.setswitchinterval(previous)
 
 
 # ============================================================================= the loop
@@ -502,6 +515,7 @@ class Trainer:
             digests[n] = digest(self.nets.raw(n).named_parameters())
             digests[f"{n}.buffers"] = digest(self.nets.raw(n).named_buffers())
         digests["ddp"] = {n: type(self.nets.__getattr__(n)).__name__ for n in self.trainable}
+        digests["switch_interval_s"] = sys.getswitchinterval()
         Path(folder).mkdir(parents=True, exist_ok=True)
         Path(folder, f"rank{self.s.rank}.json").write_text(json.dumps(digests))
 

@@ -131,6 +131,7 @@ def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--compile", "max"], "--compile"),
     (["--pgd20-check", "/nonexistent/ckpt"], "does not exist"),
+    (["--ray-overhead", "--ray-epochs", "3", "--ray-skip-epochs", "3"], "--ray-skip-epochs 3 leaves none"),
 ])
 def test_bad_input_is_a_usage_error(argv, needle):
     with pytest.raises(UsageError, match=None) as exc:

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import assert_one_error_line, cli, run_args, summary
+from raydistill.engine import WORKER_SWITCH_INTERVAL_S
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,7 @@ def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
     assert a["epochs_completed"] == 15 and history(workdir, a["mlflow_run_id"]) == list(range(15))
     r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ddp"]["student"] == "DistributedDataParallel"
+    assert r0["switch_interval_s"] == r1["switch_interval_s"] == pytest.approx(WORKER_SWITCH_INTERVAL_S)  # train_worker
     assert r0["student"] == r1["student"] and r0["student.buffers"] == r1["student.buffers"]
     assert "epoch 15/15" in adv.stdout + adv.stderr
 
@@ -94,15 +96,26 @@ def test_bad_train_input_is_one_error_line_and_no_mlflow_run(workdir, argv, need
     assert not (workdir / "mlflow.db").exists() and not any((workdir / "runs").iterdir())
 
 
-def test_online_method_on_two_workers_keeps_every_network_identical_across_ranks(workdir):
-    """PeerAiD under TorchTrainer on 2 CPU workers: student and peer each under DDP, in step on every rank."""
-    proc = cli("train", "peeraid", "--dataset", "digits", "--workers", "2", "--epochs", "1",
-               "--debug-dump", str(workdir / "dump"), *run_args(workdir, "peer2"))
+ONLINE = {  # method: (its trained networks, an MLflow metric only it logs); AKA with 4 SVGD steps to keep it short
+    "peeraid": (["student", "peer"], ["val/peer_acc_on_student_adv", "val/peer_acc_on_own_adv", "train/loss_peer_ce"]),
+    "at_aka": (["student", "teacher0", "teacher1", "teacher2"], ["val/svgd_pairwise_linf", "val/pgd_pairwise_linf"]),
+    "cat_aka": (["student0", "student1", "student2"], ["val/student0_pgd10_acc", "val/selected_student"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ONLINE))
+def test_online_method_on_two_workers_keeps_every_network_identical_across_ranks(workdir, method):
+    """Each online method under TorchTrainer on 2 CPU workers: every trained network under DDP and,
+    after the run's steps, identical (parameters and BatchNorm buffers) on both ranks."""
+    nets, metrics = ONLINE[method]
+    extra = ["--set", "svgd_steps=4"] if method != "peeraid" else []
+    proc = cli("train", method, "--dataset", "digits", "--workers", "2", "--epochs", "1", *extra,
+               "--debug-dump", str(workdir / "dump"), *run_args(workdir, method))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["ddp"] == r1["ddp"] == {"student": "DistributedDataParallel", "peer": "DistributedDataParallel"}
-    for net in ("student", "peer", "student.buffers", "peer.buffers"):
+    assert r0["ddp"] == r1["ddp"] == {n: "DistributedDataParallel" for n in nets}
+    for net in nets + [f"{n}.buffers" for n in nets]:
         assert r0[net] == r1[net], net
     c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    metrics = c.get_run(summary(workdir, "peer2")["mlflow_run_id"]).data.metrics
-    assert {"val/peer_acc_on_student_adv", "val/peer_acc_on_own_adv", "train/loss_peer_ce"} <= set(metrics), metrics
+    logged = c.get_run(summary(workdir, method)["mlflow_run_id"]).data.metrics
+    assert set(metrics) <= set(logged), logged
