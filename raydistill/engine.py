@@ -184,8 +184,8 @@ def train_worker(config: dict) -> None:
     for name in [n for n in logging.root.manager.loggerDict if n.startswith(ray_train[0]) or ray_train[1] in n]:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # Ray Train runs this function in a thread of the worker actor, beside threads of Ray's that ask
-    # for the GIL now and then. At CPython's default switch interval (5 ms) each such request takes
+    # Ray Train runs this function in a thread of the worker actor, whose main thread asks for the GIL
+    # every 10 ms (Ray's signal check). At CPython's default switch interval (5 ms) each request takes
     # the GIL from the training thread; while it waits to get it back, the intra-op (OpenMP) threads
     # stop spinning and go to sleep, and every later parallel region has to wake them: a step of
     # small kernels ran at half speed (small CNN PGD-AT step, 2 threads: 66 ms vs 30 ms in the
