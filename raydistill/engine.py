@@ -189,8 +189,9 @@ def train_worker(config: dict) -> None:
     # the GIL from the training thread; while it waits to get it back, the intra-op (OpenMP) threads
     # stop spinning and go to sleep, and every later parallel region has to wake them: a step of
     # small kernels ran at half speed (small CNN PGD-AT step, 2 threads: 66 ms vs 30 ms in the
-    # actor's main thread or a plain process). Torch releases the GIL in every operator anyway, so
-    # Ray's threads still get it within milliseconds (BENCHMARKS.md, "Ray Train's overhead").
+    # actor's main thread or a plain process). At 50 ms Ray's threads still get the GIL within 50 ms
+    # (torch releases it in every operator; the controller's health checks allow minutes), and the
+    # step runs at full speed (BENCHMARKS.md, "Ray Train's overhead").
     previous = sys.getswitchinterval()
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     try:
