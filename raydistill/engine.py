@@ -191,7 +191,7 @@ def train_worker(config: dict) -> None:
     # small kernels ran at half speed (small CNN PGD-AT step, 2 threads: 66 ms vs 30 ms in the
     # actor's main thread or a plain process). At 50 ms Ray's threads still get the GIL within 50 ms
     # (torch releases it in every operator; the controller's health checks allow minutes), and the
-    # step runs at full speed (BENCHMARKS.md, "Ray Train's overhead").
+    # step no longer runs at half speed (BENCHMARKS.md, "Ray Train's overhead").
     previous = sys.getswitchinterval()
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     try:
