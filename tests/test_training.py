@@ -81,6 +81,24 @@ def test_relaunch_with_same_name_resumes_in_process(workdir):
         s["metrics"]["clean_acc"])
 
 
+def test_relaunch_under_ray_with_another_worker_count_resumes(workdir):
+    """A Ray run of 2 epochs on 2 workers, relaunched with the same --name on 1 worker for 3 epochs:
+    it continues from Ray's registered checkpoint of epoch 2 (the run's storage is the same), trains
+    epoch 3 only, and MLflow holds each epoch once in the same run."""
+    common = ["pgd_at", "--dataset", "digits", "--test-attacks", "clean"]
+    first = cli("train", *common, "--workers", "2", "--epochs", "2", *run_args(workdir, "w"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_run = summary(workdir, "w")["mlflow_run_id"]
+    again = cli("train", *common, "--workers", "1", "--epochs", "3", *run_args(workdir, "w"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "resumed from epoch 2" in out and "epoch 1/3" not in out and "epoch 3/3" in out, out[-3000:]
+    s = summary(workdir, "w")
+    assert s["epochs_completed"] == 3 and s["mlflow_run_id"] == first_run
+    assert s["checkpoint"].endswith("checkpoint_000003")
+    assert history(workdir, s["mlflow_run_id"]) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["nosuch"], "unknown method 'nosuch'"),
     (["natural", "--workers", "-1"], "--workers"),
