@@ -455,7 +455,8 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
             steady = times[skip:]
             out[mode]["epoch_times_s"] += steady
             out[mode]["run_walls_s"].append(wall)
-            out[mode]["run_medians_s"].append(pair.setdefault(mode, statistics.median(steady)))
+            pair[mode] = statistics.median(steady)
+            out[mode]["run_medians_s"].append(pair[mode])
         out["pair_overheads_pct"].append(100 * (pair["ray"] / pair["in_process"] - 1))
         print(f"ray-overhead round {r + 1}/{a.rounds}: in-process {pair['in_process']:.3f}s, "
               f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}% (run walls: in-process "

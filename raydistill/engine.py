@@ -180,10 +180,9 @@ def train_worker(config: dict) -> None:
 
     # our own progress line says enough; some Ray Train modules name their logger by file path
     # ("Reporting training result ..." at INFO, once per epoch and rank)
-    ray_train = ("ray.train", os.path.join("ray", "train", ""))
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith(ray_train[0]) or ray_train[1] in n]:
+    by_path = os.path.join("ray", "train", "")
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or by_path in n] + ["ray.train"]:
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     # Ray Train runs this function in a thread of the worker actor, whose main thread asks for the GIL
     # every 10 ms (Ray's signal check). At CPython's default switch interval (5 ms) each request takes
     # the GIL from the training thread; while it waits to get it back, the intra-op (OpenMP) threads
