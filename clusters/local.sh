@@ -25,6 +25,8 @@ MLFLOW=http://127.0.0.1:$MLFLOW_PORT
 # this set-up's own file, not ~/.ray/auth_token; Ray never prints it. The dashboard (job API) and MLflow listen on
 # 127.0.0.1 only; Ray's internal gRPC ports listen on every interface and refuse requests without the token.
 export RAY_AUTH_MODE=token
+# Ray's workers at nice 0 (Ray's default is 15, below its own daemons: slower training on a busy CPU; README)
+export RAY_worker_niceness=0
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 
 die() { echo "local.sh: $*" >&2; exit 1; }

@@ -193,6 +193,12 @@ def train_worker(config: dict) -> None:
     # step no longer runs at half speed (BENCHMARKS.md, "Ray Train's overhead").
     previous = sys.getswitchinterval()
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    import ray.train
+    import torch
+
+    if os.nice(0) > 0 and not torch.cuda.is_available() and ray.train.get_context().get_world_rank() == 0:
+        print(f"[raydistill] note: Ray runs this worker at nice {os.nice(0)}, below its own daemons; on a CPU node "
+              "that costs speed: start Ray with RAY_worker_niceness=0 in the environment of `ray start`", flush=True)
     try:
         Trainer(TrainConfig.from_dict(config), RaySession()).run()
     finally:
@@ -516,6 +522,7 @@ class Trainer:
             digests[f"{n}.buffers"] = digest(self.nets.raw(n).named_buffers())
         digests["ddp"] = {n: type(self.nets.__getattr__(n)).__name__ for n in self.trainable}
         digests["switch_interval_s"] = sys.getswitchinterval()
+        digests["nice"] = os.nice(0)
         Path(folder).mkdir(parents=True, exist_ok=True)
         Path(folder, f"rank{self.s.rank}.json").write_text(json.dumps(digests))
 

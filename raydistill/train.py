@@ -14,6 +14,11 @@ from typing import Any
 
 # Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray starts every worker process at nice 15 (its `worker_niceness`), its daemons at 0. For a Ray instance
+# that raydistill starts itself, the training workers run at 0 like the in-process loop: at 15, every
+# wake-up of GCS, raylet or the dashboard preempts their OpenMP threads (BENCHMARKS.md, Ray's overhead).
+# Clusters started with `ray start` need it in that command's environment (clusters/ sets it).
+RAY_WORKER_NICENESS = {"RAY_worker_niceness": "0"}
 
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config, storage_path
@@ -91,6 +96,17 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
+def init_ray(**kwargs: Any) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in RAY_WORKER_NICENESS.items():  # read by the raylet ray.init starts; a user's value wins
+        os.environ.setdefault(key, value)
+    ray.init(logging_level="ERROR", **kwargs)
+
+
 def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str | None]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -98,8 +114,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
 
     from .engine import train_worker
 
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR", log_to_driver=not quiet)
+    init_ray(log_to_driver=not quiet)
     gpus = cfg.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0

@@ -110,7 +110,7 @@ def _define_by_run(trial, *, space) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import search_space, tracking
-    from .train import preflight, write_json
+    from .train import init_ray, preflight, write_json
 
     args = parser().parse_args(argv)
     cfg = build_config(args.method, args)
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     import ray
 
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
+    init_ray()
     if cfg.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
         cfg.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1) // (max_concurrent * cfg.workers)))
     trainable = tune.with_resources(

@@ -32,6 +32,7 @@ def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
     r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ddp"]["student"] == "DistributedDataParallel"
     assert r0["switch_interval_s"] == r1["switch_interval_s"] == pytest.approx(WORKER_SWITCH_INTERVAL_S)  # train_worker
+    assert r0["nice"] == r1["nice"] == 0  # not Ray's worker_niceness of 15 (train.init_ray)
     assert r0["student"] == r1["student"] and r0["student.buffers"] == r1["student.buffers"]
     assert "epoch 15/15" in adv.stdout + adv.stderr
 
