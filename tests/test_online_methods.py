@@ -5,7 +5,7 @@
 * Each network runs once per input, the detached targets get no gradient, the switches work.
 * The pareto weights match a brute-force grid search over the simplex (n = 3) and n = 2's closed form.
 * (slow) On digits, PeerAiD's student is within 3 points of PGD-AT's PGD-20 accuracy at equal
-  epochs, and its peer is far more accurate on the student's attacks than on its own.
+  epochs (30), and its peer is far more accurate on the student's attacks than on its own.
 """
 from __future__ import annotations
 
@@ -398,34 +398,36 @@ def test_paper_presets(name, dataset, expected):
 # ---------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
 def test_peeraid_stays_close_to_pgd_at_on_digits(workdir):
-    """Equal schedules: 20 epochs, decays at 15 and 18, each method with its digits defaults (PeerAiD's
+    """Issue 5: PeerAiD's student within 3 points of PGD-AT's test PGD-20 accuracy at equal epochs.
+    Equal schedules: 30 epochs, decays at 22 and 27, each method with its digits defaults (PeerAiD's
     digits preset: λ1 = 1, τ = τp = 1; the authors' CIFAR λ1 = 0 ends ~15 points behind on schedules
-    this short). Test PGD-20 at eps 0.1 (449 images), in-process, seeds 0 / 1 / 2; this test runs seed 0.
-    The figures depend on the CPU (same code and seeds; the Intel rows are from earlier sessions):
+    this short). Test PGD-20 at eps 0.1 (449 images), in-process; this test runs seed 0. The figures
+    depend on the CPU (same code and seeds; the Intel rows are from earlier sessions):
 
-    machine (schedule)                          pgd_at                 peeraid (digits preset)  mean gap
+    machine (schedule)                            pgd_at                 peeraid (digits preset)  mean gap
     Intel Xeon with AMX (10 epochs, decays 7, 9)    0.826 / 0.844 / 0.831  0.786 / 0.829 / 0.804    -2.8 points
     Intel Xeon with AMX (15 epochs, decays 10, 13)  0.866 / 0.853 / 0.880  0.804 / 0.851 / 0.844    -3.3 points
     Intel Xeon with AMX (20 epochs, decays 15, 18)  0.878 / 0.869 / 0.875  0.860 / 0.855 / 0.857    -1.6 points
     AMD EPYC (20 epochs, decays 15, 18)             0.878 / 0.878 / 0.880  0.817 / 0.840 / 0.866    -3.7 points
+    AMD EPYC (30 epochs, decays 22, 27), seeds 0-5  0.884 / 0.873 / 0.882  0.869 / 0.873 / 0.864    -1.4 points
+                                                    0.889 / 0.882 / 0.889  0.869 / 0.884 / 0.860    (-2.9 to +0.2)
+    AMD EPYC (40 epochs, decays 30, 36)             0.882 / 0.900 / 0.884  0.862 / 0.884 / 0.873    -1.6 points
 
-    Issue 5 asks for PeerAiD within 3 points of PGD-AT; per seed the gap ranged from -1.3 to -6.0
-    points, so that is not met reliably and this test does not claim it: it guards the method with a
-    10-point bound (a broken PeerAiD falls towards natural training's ~0.35). The peer is far more
-    accurate on the student's attacks than on its own (the paper's Fig. 1 / Table 2): over the last
-    five epochs 0.909 vs 0.663 (Intel, seed 0) and 0.873 vs 0.593 (AMD, seed 0)."""
-    common = ["--dataset", "digits", "--workers", "0", "--epochs", "20", "--lr-milestones", "15,18",
+    At 20 epochs the gap ranged from -1.3 to -6.0 points per seed: the peer needs the longer schedule to
+    become a good tutor. At 30 epochs every seed is within 3 points (seed 0: -1.6). The peer is far more
+    accurate on the student's attacks than on its own (the paper's Fig. 1 / Table 2)."""
+    common = ["--dataset", "digits", "--workers", "0", "--epochs", "30", "--lr-milestones", "22,27",
               "--test-attacks", "clean,pgd20"]
     for method in ("pgd_at", "peeraid"):
         proc = cli("train", method, *common, *run_args(workdir, method), timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     base, peer = summary(workdir, "pgd_at"), summary(workdir, "peeraid")
-    print(f"digits, 20 epochs: pgd_at {base['metrics']}  peeraid {peer['metrics']}")
-    assert peer["metrics"]["pgd20_acc"] >= base["metrics"]["pgd20_acc"] - 0.10, (peer["metrics"], base["metrics"])
-    assert 0.5 < peer["metrics"]["swa_pgd20_acc"] <= 1.0  # the averaged student (SWA from epoch 15) is tested too
+    print(f"digits, 30 epochs: pgd_at {base['metrics']}  peeraid {peer['metrics']}")
+    assert peer["metrics"]["pgd20_acc"] >= base["metrics"]["pgd20_acc"] - 0.03, (peer["metrics"], base["metrics"])
+    assert 0.5 < peer["metrics"]["swa_pgd20_acc"] <= 1.0  # the averaged student (SWA from epoch 22) is tested too
     client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     history = lambda key: [m.value for m in sorted(client.get_metric_history(peer["mlflow_run_id"], key),
                                                    key=lambda m: m.step)]
     on_student, on_own = history("val/peer_acc_on_student_adv"), history("val/peer_acc_on_own_adv")
-    assert len(on_student) == len(on_own) == 20
+    assert len(on_student) == len(on_own) == 30
     assert np.mean(on_student[-5:]) > np.mean(on_own[-5:]) + 0.15, (on_student, on_own)
