@@ -409,7 +409,7 @@ def test_peeraid_stays_close_to_pgd_at_on_digits(workdir):
     Intel Xeon with AMX (15 epochs, decays 10, 13)  0.866 / 0.853 / 0.880  0.804 / 0.851 / 0.844    -3.3 points
     Intel Xeon with AMX (20 epochs, decays 15, 18)  0.878 / 0.869 / 0.875  0.860 / 0.855 / 0.857    -1.6 points
     AMD EPYC (20 epochs, decays 15, 18)             0.878 / 0.878 / 0.880  0.817 / 0.840 / 0.866    -3.7 points
-    AMD EPYC (30 epochs, decays 22, 27), seeds 0-5  0.884 / 0.873 / 0.882  0.869 / 0.873 / 0.864    -1.4 points
+    AMD EPYC (30 epochs, decays 22, 27), seeds 0-5  0.884 / 0.873 / 0.882  0.869 / 0.873 / 0.864    -1.3 points
                                                     0.889 / 0.882 / 0.889  0.869 / 0.884 / 0.860    (-2.9 to +0.2)
     AMD EPYC (40 epochs, decays 30, 36)             0.882 / 0.900 / 0.884  0.862 / 0.884 / 0.873    -1.6 points
 

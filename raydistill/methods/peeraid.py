@@ -55,7 +55,7 @@ class PeerAiD(Method):
                          "hp": {"tau": 1.0, "gamma2": 100.0, "lambda1": 0.035, "lambda2": 35.0, "lambda3": 20.0}},
         # ours, not a paper's: digits' schedules are ~300 steps, and the CIFAR setting (λ1 = 0: the student
         # learns from the peer's soft labels alone) ends ~15 points behind PGD-AT there; Eq. 4's hard-label
-        # term and τ = τp = 1 bring it to 1.4 points behind on average at 30 epochs (6 seeds, each within
+        # term and τ = τp = 1 bring it to 1.3 points behind on average at 30 epochs (6 seeds, each within
         # 3), 1.6-3.7 behind at 20 depending on the CPU (test_online_methods.py, the table there)
         "digits": {"hp": {"lambda1": 1.0, "tau": 1.0, "tau_p": 1.0}},
     }
