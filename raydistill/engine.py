@@ -174,6 +174,17 @@ def _checkpoint_epoch(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def note_worker_niceness() -> None:
+    """Rank 0 of a CPU run says so when Ray runs it niced (its worker_niceness, 15 unless the cluster was
+    started with RAY_worker_niceness=0 as train.init_ray and clusters/ do)."""
+    import ray.train
+
+    nice = os.nice(0)
+    if nice > 0 and not torch.cuda.is_available() and ray.train.get_context().get_world_rank() == 0:
+        print(f"[raydistill] note: Ray runs this worker at nice {nice}, below its own daemons; on a CPU node "
+              "that costs speed: start Ray with RAY_worker_niceness=0 in the environment of `ray start`", flush=True)
+
+
 def train_worker(config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``."""
     import logging
@@ -193,13 +204,8 @@ def train_worker(config: dict) -> None:
     # step no longer runs at half speed (BENCHMARKS.md, "Ray Train's overhead").
     previous = sys.getswitchinterval()
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
-    import ray.train
-    import torch
-
-    if os.nice(0) > 0 and not torch.cuda.is_available() and ray.train.get_context().get_world_rank() == 0:
-        print(f"[raydistill] note: Ray runs this worker at nice {os.nice(0)}, below its own daemons; on a CPU node "
-              "that costs speed: start Ray with RAY_worker_niceness=0 in the environment of `ray start`", flush=True)
     try:
+        note_worker_niceness()
         Trainer(TrainConfig.from_dict(config), RaySession()).run()
     finally:
         sys.setswitchinterval(previous)

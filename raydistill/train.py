@@ -14,11 +14,6 @@ from typing import Any
 
 # Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray starts every worker process at nice 15 (its `worker_niceness`), its daemons at 0. For a Ray instance
-# that raydistill starts itself, the training workers run at 0 like the in-process loop: at 15, every
-# wake-up of GCS, raylet or the dashboard preempts their OpenMP threads (BENCHMARKS.md, Ray's overhead).
-# Clusters started with `ray start` need it in that command's environment (clusters/ sets it).
-RAY_WORKER_NICENESS = {"RAY_worker_niceness": "0"}
 
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config, storage_path
@@ -102,8 +97,12 @@ def init_ray(**kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    for key, value in RAY_WORKER_NICENESS.items():  # read by the raylet ray.init starts; a user's value wins
-        os.environ.setdefault(key, value)
+    # Ray starts every worker process at nice 15 (its `worker_niceness`), its daemons at 0. The raylet
+    # that ray.init starts reads this: the training workers run at 0 like the in-process loop (at 15,
+    # every wake-up of GCS, raylet or the dashboard preempts their OpenMP threads; BENCHMARKS.md, Ray's
+    # overhead). A value in the environment wins; clusters started with `ray start` need it in that
+    # command's environment (clusters/ sets it).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(logging_level="ERROR", **kwargs)
 
 
