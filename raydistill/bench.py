@@ -29,7 +29,9 @@ Other modes: ``--compare-authors-peeraid`` races the authors'-code PeerAiD step 
 forwards, parameters requiring gradients in the attack) against ours in strict fp32 and on the fast
 path, in alternating rounds, and prints the median speed-ups; ``--ablation`` races the first
 method's step with each speed feature alone; ``--ray-overhead`` compares the steady-state epoch
-time of a 1-worker TorchTrainer run with the in-process loop; ``--pgd20-check CHECKPOINT`` compares
+time of a 1-worker TorchTrainer run with the in-process loop (with ``--beside-idle-ray`` also the
+in-process loop beside an idle Ray instance: how much of it is CPU contention with Ray's processes);
+``--pgd20-check CHECKPOINT`` compares
 a fixed model's PGD-20 accuracy in fp32 and on the fast path.
 """
 from __future__ import annotations
@@ -428,6 +430,61 @@ def _epoch_times(config: dict) -> tuple[list[float], float]:
     return [h["train/epoch_time_s"] for h in safe_load(Path(summary["checkpoint"]) / STATE_FILE)["history"]], wall
 
 
+def _idle_ray(ready: str, stop: str) -> None:
+    """A local Ray instance running a 1-worker TorchTrainer (holding all CPUs) whose function only
+    waits: every process a Ray run has (daemons, controller, Ray Train's helper actors, the worker),
+    none of them working. The function touches ``ready`` once it runs and returns once ``stop`` exists."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .train import init_ray
+
+    def wait(_config: dict) -> None:
+        Path(ready).touch()
+        while not os.path.exists(stop):
+            time.sleep(0.5)
+
+    init_ray(log_to_driver=False)
+    import ray
+
+    cpus = float(max(1, int(ray.cluster_resources().get("CPU", 1))))  # all of them, as a 1-worker run holds
+    TorchTrainer(wait, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+                 torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(name="idle-ray", storage_path=os.path.join(os.path.dirname(ready), "ray"))).fit()
+
+
+class IdleRay:
+    """``with IdleRay(workdir):`` an idle Ray instance (``_idle_ray``) runs beside the block, in its own
+    process, from the moment its worker runs plus ``settle_s`` (its daemons' start-up burst) to the
+    block's end."""
+
+    def __init__(self, workdir: str, settle_s: float = 15.0, timeout_s: float = 180.0):
+        self.dir = tempfile.mkdtemp(prefix="idle-ray-", dir=workdir)
+        self.ready, self.stop = os.path.join(self.dir, "ready"), os.path.join(self.dir, "stop")
+        self.settle_s, self.timeout_s = settle_s, timeout_s
+
+    def __enter__(self) -> "IdleRay":
+        import multiprocessing
+
+        self.proc = multiprocessing.get_context("spawn").Process(target=_idle_ray, args=(self.ready, self.stop))
+        self.proc.start()
+        deadline = time.monotonic() + self.timeout_s
+        while not os.path.exists(self.ready):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the idle Ray instance did not start its worker")
+            time.sleep(0.5)
+        time.sleep(self.settle_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Path(self.stop).touch()
+        self.proc.join(self.timeout_s)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
 def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
     """Steady-state train/epoch_time_s of a 1-worker TorchTrainer run and of the in-process loop, same
     config (an epoch = ``--steps`` batches). ``--rounds`` pairs of runs, each run in a fresh process,
@@ -435,22 +492,31 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
     median epoch time over its epochs after the first ``--ray-skip-epochs`` (default: half of them:
     a fresh local Ray instance's daemons start up for ~10-20 s beside the first epochs, a one-off
     cost that is reported as the runs' wall time instead); the overhead is the median over pairs of
-    Ray / in-process - 1 (the figure to quote), with the pooled medians beside it."""
+    Ray / in-process - 1 (the figure to quote), with the pooled medians beside it.
+
+    With ``--beside-idle-ray`` each round has a third run: the in-process loop while an idle Ray
+    instance (``IdleRay``) runs beside it; its slowdown against the plain in-process run is the part of
+    the overhead that is Ray's own processes competing for the CPU, not anything in the worker."""
+    import contextlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     a = bench.args
     skip = a.ray_skip_epochs if a.ray_skip_epochs is not None else a.ray_epochs // 2
+    modes = ("in_process", "beside_idle_ray", "ray") if a.beside_idle_ray else ("in_process", "ray")
     out: dict[str, Any] = {"skipped_epochs": skip, "pair_overheads_pct": [],
-                           **{m: {"epoch_times_s": [], "run_medians_s": [], "run_walls_s": []} for m in ("in_process", "ray")}}
+                           **{m: {"epoch_times_s": [], "run_medians_s": [], "run_walls_s": []} for m in modes}}
+    if a.beside_idle_ray:
+        out["pair_beside_idle_ray_pct"] = []
     for r in range(a.rounds):
         pair = {}
-        for mode in (("in_process", "ray") if r % 2 == 0 else ("ray", "in_process")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             cfg = bench.config(method)
-            cfg.in_process, cfg.workers, cfg.epochs, cfg.lr_milestones = mode == "in_process", 1, a.ray_epochs, []
+            cfg.in_process, cfg.workers, cfg.epochs, cfg.lr_milestones = mode != "ray", 1, a.ray_epochs, []
             cfg.swa_start, cfg.test_attacks, cfg.val_size = None, ["clean"], 2 * bench.num_classes
             cfg.name, cfg.tracking_uri = f"bench-{r}-{mode}", f"sqlite:///{bench.workdir}/mlflow.db"
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            beside = IdleRay(bench.workdir) if mode == "beside_idle_ray" else contextlib.nullcontext()
+            with beside, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 times, wall = pool.submit(_epoch_times, cfg.to_dict()).result()
             steady = times[skip:]
             out[mode]["epoch_times_s"] += steady
@@ -458,13 +524,19 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
             pair[mode] = statistics.median(steady)
             out[mode]["run_medians_s"].append(pair[mode])
         out["pair_overheads_pct"].append(100 * (pair["ray"] / pair["in_process"] - 1))
+        beside = ""
+        if a.beside_idle_ray:
+            out["pair_beside_idle_ray_pct"].append(100 * (pair["beside_idle_ray"] / pair["in_process"] - 1))
+            beside = f", in-process beside idle Ray {pair['beside_idle_ray']:.3f}s = {out['pair_beside_idle_ray_pct'][-1]:+.1f}%"
         print(f"ray-overhead round {r + 1}/{a.rounds}: in-process {pair['in_process']:.3f}s, "
-              f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}% (run walls: in-process "
+              f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}%{beside} (run walls: in-process "
               f"{out['in_process']['run_walls_s'][-1]:.1f}s, Ray {out['ray']['run_walls_s'][-1]:.1f}s)", flush=True)
-    for mode in ("in_process", "ray"):
+    for mode in modes:
         out[mode]["epoch_time_s"] = statistics.median(out[mode]["epoch_times_s"])
     out["pooled_overhead_pct"] = 100 * (out["ray"]["epoch_time_s"] / out["in_process"]["epoch_time_s"] - 1)
     out["overhead_pct"] = statistics.median(out["pair_overheads_pct"])
+    if a.beside_idle_ray:
+        out["beside_idle_ray_pct"] = statistics.median(out["pair_beside_idle_ray_pct"])
     out["target_pct"] = 5.0
     return out
 
@@ -524,6 +596,9 @@ def parser() -> ArgParser:
                    help="rounds of the races; with --ray-overhead, pairs of runs (default 5)")
     g.add_argument("--ray-overhead", action="store_true",
                    help="also compare a 1-worker TorchTrainer run's epoch time with the in-process loop")
+    g.add_argument("--beside-idle-ray", action="store_true",
+                   help="with --ray-overhead: also time the in-process loop beside an idle Ray instance (Ray's "
+                        "processes running, none of them working): the part of the overhead that is CPU contention")
     g.add_argument("--ray-epochs", type=positive_int, default=6, help="epochs of those runs (default 6)")
     g.add_argument("--ray-skip-epochs", type=nonneg_int,
                    help="epochs of each run not timed (default: half; Ray's daemons start up beside the first)")
@@ -555,6 +630,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for f in dataclasses.fields(defaults):
         if getattr(args, f.name) is None:
             setattr(args, f.name, getattr(defaults, f.name))
+    if args.beside_idle_ray and not args.ray_overhead:
+        raise UsageError("--beside-idle-ray is a part of --ray-overhead: give both")
     if args.ray_skip_epochs is not None and args.ray_skip_epochs >= args.ray_epochs:
         raise UsageError(f"--ray-skip-epochs {args.ray_skip_epochs} leaves none of --ray-epochs {args.ray_epochs} to time")
     if args.pgd20_check and not os.path.exists(args.pgd20_check):
@@ -589,6 +666,10 @@ def print_report(out: dict[str, Any]) -> None:
               f"{min(r['pair_overheads_pct']):+.1f}% to {max(r['pair_overheads_pct']):+.1f}%; target <= 5%); pooled "
               f"epoch {r['ray']['epoch_time_s']:.3f}s vs in-process {r['in_process']['epoch_time_s']:.3f}s"
               f" = {r['pooled_overhead_pct']:+.1f}%")
+        if "beside_idle_ray_pct" in r:
+            p = r["pair_beside_idle_ray_pct"]
+            print(f"In-process loop beside an idle Ray instance: {r['beside_idle_ray_pct']:+.1f}% (median of {len(p)} "
+                  f"rounds, from {min(p):+.1f}% to {max(p):+.1f}%): Ray's processes competing for the CPU")
     if "pgd20_check" in out:
         c = out["pgd20_check"]
         print(f"PGD-20 on {c['n_examples']} images: fp32 {c['pgd20_acc_fp32']:.4f}, fast path "

@@ -10,7 +10,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +136,7 @@ def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
     (["--compile", "max"], "--compile"),
     (["--pgd20-check", "/nonexistent/ckpt"], "does not exist"),
     (["--ray-overhead", "--ray-epochs", "3", "--ray-skip-epochs", "3"], "--ray-skip-epochs 3 leaves none"),
+    (["--beside-idle-ray"], "--beside-idle-ray is a part of --ray-overhead"),
 ])
 def test_bad_input_is_a_usage_error(argv, needle):
     with pytest.raises(UsageError, match=None) as exc:
@@ -141,3 +146,27 @@ def test_bad_input_is_a_usage_error(argv, needle):
 
 def test_bad_input_is_one_error_line():
     assert_one_error_line(cli("bench", "--methods", "madry", timeout=120), "unknown method 'madry'", "peeraid")
+
+
+@pytest.mark.slow
+def test_idle_ray_runs_a_waiting_trainer_beside_the_block_and_stops_it(tmp_path):
+    """``--beside-idle-ray``'s instance: inside the block its TorchTrainer worker is up and waiting (a
+    process named ray::RayTrainWorker exists and the trainer's controller too); after the block the
+    instance's process has ended, and with it its workers."""
+    def ray_names() -> set[str]:  # Ray sets its processes' titles (their cmdline) to ray::CLASS...
+        names = set()
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                title = (proc / "cmdline").read_bytes().decode(errors="replace")
+                names.update(n for n in ("ray::RayTrainWorker", "ray::TrainController") if title.startswith(n))
+        return names
+
+    before = ray_names()
+    with bench.IdleRay(str(tmp_path), settle_s=0) as idle:
+        assert os.path.exists(idle.ready) and idle.proc.is_alive()
+        assert {"ray::RayTrainWorker", "ray::TrainController"} <= ray_names()
+    assert not idle.proc.is_alive() and idle.proc.exitcode == 0
+    deadline = time.monotonic() + 30
+    while ray_names() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_names() - before
