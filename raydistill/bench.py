@@ -437,7 +437,7 @@ def _idle_ray(ready: str, stop: str) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .train import init_ray
+    from .train import cpus_each, init_ray
 
     def wait(_config: dict) -> None:
         Path(ready).touch()
@@ -445,9 +445,7 @@ def _idle_ray(ready: str, stop: str) -> None:
             time.sleep(0.5)
 
     init_ray(log_to_driver=False)
-    import ray
-
-    cpus = float(max(1, int(ray.cluster_resources().get("CPU", 1))))  # all of them, as a 1-worker run holds
+    cpus = float(cpus_each(1))  # all of them, as a 1-worker run holds
     TorchTrainer(wait, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
                  torch_config=TorchConfig(backend="gloo"),
                  run_config=RunConfig(name="idle-ray", storage_path=os.path.join(os.path.dirname(ready), "ray"))).fit()
@@ -524,12 +522,12 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
             pair[mode] = statistics.median(steady)
             out[mode]["run_medians_s"].append(pair[mode])
         out["pair_overheads_pct"].append(100 * (pair["ray"] / pair["in_process"] - 1))
-        beside = ""
+        beside_text = ""
         if a.beside_idle_ray:
             out["pair_beside_idle_ray_pct"].append(100 * (pair["beside_idle_ray"] / pair["in_process"] - 1))
-            beside = f", in-process beside idle Ray {pair['beside_idle_ray']:.3f}s = {out['pair_beside_idle_ray_pct'][-1]:+.1f}%"
+            beside_text = f", in-process beside idle Ray {pair['beside_idle_ray']:.3f}s = {out['pair_beside_idle_ray_pct'][-1]:+.1f}%"
         print(f"ray-overhead round {r + 1}/{a.rounds}: in-process {pair['in_process']:.3f}s, "
-              f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}%{beside} (run walls: in-process "
+              f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}%{beside_text} (run walls: in-process "
               f"{out['in_process']['run_walls_s'][-1]:.1f}s, Ray {out['ray']['run_walls_s'][-1]:.1f}s)", flush=True)
     for mode in modes:
         out[mode]["epoch_time_s"] = statistics.median(out[mode]["epoch_times_s"])

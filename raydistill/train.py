@@ -106,6 +106,13 @@ def init_ray(**kwargs: Any) -> None:
     ray.init(logging_level="ERROR", **kwargs)
 
 
+def cpus_each(n: int) -> int:
+    """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // n))
+
+
 def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str | None]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -117,7 +124,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     gpus = cfg.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0
-    cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
+    cpus = cfg.cpus_per_worker or cpus_each(cfg.workers)
     from . import tracking
 
     tracking.log_resolved(cfg.tracking_uri, cfg.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})

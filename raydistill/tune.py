@@ -9,9 +9,7 @@ MLflow: one parent run per search, one child run per trial (created by the trial
 from __future__ import annotations
 
 import functools
-import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +108,7 @@ def _define_by_run(trial, *, space) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import search_space, tracking
-    from .train import init_ray, preflight, write_json
+    from .train import cpus_each, init_ray, preflight, write_json
 
     args = parser().parse_args(argv)
     cfg = build_config(args.method, args)
@@ -148,11 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking.check_reachable(cfg.tracking_uri)
     parent = start_parent(cfg, name, space, num_samples, args)
     t0 = time.time()
-    import ray
-
     init_ray()
     if cfg.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
-        cfg.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1) // (max_concurrent * cfg.workers)))
+        cfg.cpus_per_worker = cpus_each(max_concurrent * cfg.workers)
     trainable = tune.with_resources(
         functools.partial(run_trial, base=cfg.to_dict(), space_path=str(space.path), parent_run_id=parent, search=name),
         {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
