@@ -30,13 +30,14 @@ forwards, parameters requiring gradients in the attack) against ours in strict f
 path, in alternating rounds, and prints the median speed-ups; ``--ablation`` races the first
 method's step with each speed feature alone; ``--ray-overhead`` compares the steady-state epoch
 time of a 1-worker TorchTrainer run with the in-process loop (with ``--beside-idle-ray`` also the
-in-process loop beside an idle Ray instance: how much of it is CPU contention with Ray's processes);
-``--pgd20-check CHECKPOINT`` compares
-a fixed model's PGD-20 accuracy in fp32 and on the fast path.
+in-process loop beside an idle Ray instance: how much of it is CPU contention with Ray's processes,
+and the share of the machine's CPUs those processes took meanwhile); ``--pgd20-check CHECKPOINT``
+compares a fixed model's PGD-20 accuracy in fp32 and on the fast path.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -451,15 +452,38 @@ def _idle_ray(ready: str, stop: str) -> None:
                  run_config=RunConfig(name="idle-ray", storage_path=os.path.join(os.path.dirname(ready), "ray"))).fit()
 
 
+def process_tree_ticks(root: int) -> dict[int, int] | None:
+    """CPU time (user + system, in clock ticks) used so far by process ``root`` and by each of its
+    living descendants, by pid; None where there is no /proc (not Linux)."""
+    if not os.path.isdir("/proc"):
+        return None
+    procs: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+            procs[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    tree, frontier = {root}, {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - tree
+        tree |= frontier
+    return {pid: procs[pid][1] for pid in tree if pid in procs}
+
+
 class IdleRay:
     """``with IdleRay(workdir):`` an idle Ray instance (``_idle_ray``) runs beside the block, in its own
     process, from the moment its worker runs plus ``settle_s`` (its daemons' start-up burst) to the
-    block's end."""
+    block's end. After the block ``cpu_pct`` is the CPU time its processes (that process and all its
+    descendants: GCS, raylet, dashboard, agents, controller, Ray Train's helpers, the waiting worker)
+    used during the block, as a percentage of all this machine's CPUs over the block's wall time
+    (None without /proc): the share of the machine Ray takes from whatever runs beside it."""
 
     def __init__(self, workdir: str, settle_s: float = 15.0, timeout_s: float = 180.0):
         self.dir = tempfile.mkdtemp(prefix="idle-ray-", dir=workdir)
         self.ready, self.stop = os.path.join(self.dir, "ready"), os.path.join(self.dir, "stop")
         self.settle_s, self.timeout_s = settle_s, timeout_s
+        self.cpu_pct: float | None = None
+        self._ticks: dict[int, int] | None = None
 
     def __enter__(self) -> "IdleRay":
         import multiprocessing
@@ -473,9 +497,15 @@ class IdleRay:
                 raise RuntimeError("the idle Ray instance did not start its worker")
             time.sleep(0.5)
         time.sleep(self.settle_s)
+        self._ticks, self._t0 = process_tree_ticks(self.proc.pid), time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
+        ticks = process_tree_ticks(self.proc.pid)
+        if self._ticks is not None and ticks is not None:
+            used_s = sum(t - self._ticks.get(pid, 0) for pid, t in ticks.items()) / os.sysconf("SC_CLK_TCK")
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            self.cpu_pct = 100 * used_s / (cpus * (time.monotonic() - self._t0))
         Path(self.stop).touch()
         self.proc.join(self.timeout_s)
         if self.proc.is_alive():
@@ -494,8 +524,9 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
 
     With ``--beside-idle-ray`` each round has a third run: the in-process loop while an idle Ray
     instance (``IdleRay``) runs beside it; its slowdown against the plain in-process run is the part of
-    the overhead that is Ray's own processes competing for the CPU, not anything in the worker."""
-    import contextlib
+    the overhead that is Ray's own processes competing for the CPU, not anything in the worker; and
+    the CPU time those processes used meanwhile, as a share of the machine's CPUs (``idle_ray_cpu_pct``:
+    with the loop on every CPU, the overhead can be no smaller than this share)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -505,7 +536,7 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {"skipped_epochs": skip, "pair_overheads_pct": [],
                            **{m: {"epoch_times_s": [], "run_medians_s": [], "run_walls_s": []} for m in modes}}
     if a.beside_idle_ray:
-        out["pair_beside_idle_ray_pct"] = []
+        out["pair_beside_idle_ray_pct"], out["idle_ray_cpu_pcts"] = [], []
     for r in range(a.rounds):
         pair = {}
         for mode in (modes if r % 2 == 0 else modes[::-1]):
@@ -520,12 +551,16 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
             out[mode]["epoch_times_s"] += steady
             out[mode]["run_walls_s"].append(wall)
             pair[mode] = statistics.median(steady)
+            if mode == "beside_idle_ray":
+                out["idle_ray_cpu_pcts"].append(beside.cpu_pct)
             out[mode]["run_medians_s"].append(pair[mode])
         out["pair_overheads_pct"].append(100 * (pair["ray"] / pair["in_process"] - 1))
         beside_text = ""
         if a.beside_idle_ray:
             out["pair_beside_idle_ray_pct"].append(100 * (pair["beside_idle_ray"] / pair["in_process"] - 1))
             beside_text = f", in-process beside idle Ray {pair['beside_idle_ray']:.3f}s = {out['pair_beside_idle_ray_pct'][-1]:+.1f}%"
+            if out["idle_ray_cpu_pcts"][-1] is not None:
+                beside_text += f" (idle Ray's processes: {out['idle_ray_cpu_pcts'][-1]:.1f}% of the CPUs)"
         print(f"ray-overhead round {r + 1}/{a.rounds}: in-process {pair['in_process']:.3f}s, "
               f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}%{beside_text} (run walls: in-process "
               f"{out['in_process']['run_walls_s'][-1]:.1f}s, Ray {out['ray']['run_walls_s'][-1]:.1f}s)", flush=True)
@@ -535,6 +570,8 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
     out["overhead_pct"] = statistics.median(out["pair_overheads_pct"])
     if a.beside_idle_ray:
         out["beside_idle_ray_pct"] = statistics.median(out["pair_beside_idle_ray_pct"])
+        shares = [c for c in out["idle_ray_cpu_pcts"] if c is not None]
+        out["idle_ray_cpu_pct"] = statistics.median(shares) if shares else None
     out["target_pct"] = 5.0
     return out
 
@@ -668,6 +705,9 @@ def print_report(out: dict[str, Any]) -> None:
             p = r["pair_beside_idle_ray_pct"]
             print(f"In-process loop beside an idle Ray instance: {r['beside_idle_ray_pct']:+.1f}% (median of {len(p)} "
                   f"rounds, from {min(p):+.1f}% to {max(p):+.1f}%): Ray's processes competing for the CPU")
+        if r.get("idle_ray_cpu_pct") is not None:
+            print(f"Idle Ray's processes used {r['idle_ray_cpu_pct']:.1f}% of this machine's CPUs (median of rounds): "
+                  f"a loop on all of them loses at least that share of them to Ray")
     if "pgd20_check" in out:
         c = out["pgd20_check"]
         print(f"PGD-20 on {c['n_examples']} images: fp32 {c['pgd20_acc_fp32']:.4f}, fast path "

@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +151,34 @@ def test_bad_input_is_one_error_line():
     assert_one_error_line(cli("bench", "--methods", "madry", timeout=120), "unknown method 'madry'", "peeraid")
 
 
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_process_tree_ticks_counts_a_process_and_its_descendants_only():
+    """What ``--beside-idle-ray`` sums as Ray's CPU use: a child that burns 0.3 s of CPU and starts a
+    grandchild that burns 0.3 s too: both are in the tree with at least that much, and nothing else is."""
+    child_code = ("import subprocess, sys\n"
+                  f"g = subprocess.Popen([sys.executable, '-c', {BURN + 'print(1, flush=True)' + chr(10) + 'time.sleep(60)'!r}])\n"
+                  f"{BURN}print(g.pid, flush=True)\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        lines = {child.stdout.readline().strip() for _ in range(2)}  # the grandchild's "1" and its pid
+        grandchild = int(max(lines, key=len))
+        ticks = bench.process_tree_ticks(child.pid)
+        assert set(ticks) == {child.pid, grandchild}
+        hz = os.sysconf("SC_CLK_TCK")
+        assert all(t >= 0.25 * hz for t in ticks.values()), ticks
+        assert set(bench.process_tree_ticks(grandchild)) == {grandchild}
+    finally:
+        child.kill()
+        if grandchild is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)
+        child.wait()
+
+
 @pytest.mark.slow
 def test_idle_ray_runs_a_waiting_trainer_beside_the_block_and_stops_it(tmp_path):
     """``--beside-idle-ray``'s instance: inside the block its TorchTrainer worker is up and waiting (a
@@ -161,10 +192,23 @@ def test_idle_ray_runs_a_waiting_trainer_beside_the_block_and_stops_it(tmp_path)
                 names.update(n for n in ("ray::RayTrainWorker", "ray::TrainController") if title.startswith(n))
         return names
 
+    def titles(pids) -> set[str]:
+        out = set()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                out.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+        return out
+
     before = ray_names()
     with bench.IdleRay(str(tmp_path), settle_s=0) as idle:
         assert os.path.exists(idle.ready) and idle.proc.is_alive()
         assert {"ray::RayTrainWorker", "ray::TrainController"} <= ray_names()
+        # the CPU share sums over the instance's process tree: its workers and daemons are in it
+        tree = titles(bench.process_tree_ticks(idle.proc.pid))
+        for name in ("ray::RayTrainWorker", "ray::TrainController", "ray::PlacementGroupCleaner", "raylet", "gcs_server"):
+            assert any(name in t for t in tree), (name, tree)
+        time.sleep(2)
+    assert idle.cpu_pct is not None and 0 < idle.cpu_pct <= 110, idle.cpu_pct  # ticks round per process
     assert not idle.proc.is_alive() and idle.proc.exitcode == 0
     deadline = time.monotonic() + 30
     while ray_names() - before and time.monotonic() < deadline:
