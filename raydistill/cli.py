@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 from .errors import UsageError
 
@@ -15,7 +16,7 @@ from .errors import UsageError
 class ArgParser(argparse.ArgumentParser):
     """ArgumentParser that raises UsageError instead of printing usage and exiting."""
 
-    def error(self, message: str) -> "NoReturn":  # noqa: F821 - typing only
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class UsageError(Exception):
@@ -14,7 +14,7 @@ class UsageError(Exception):
     """
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
+def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
