@@ -501,11 +501,12 @@ class IdleRay:
         return self
 
     def __exit__(self, *exc) -> None:
-        ticks = process_tree_ticks(self.proc.pid)
-        if self._ticks is not None and ticks is not None:
+        if self._ticks is not None:  # measured from the end of __enter__
+            from .engine import usable_cpus
+
+            ticks = process_tree_ticks(self.proc.pid) or {}
             used_s = sum(t - self._ticks.get(pid, 0) for pid, t in ticks.items()) / os.sysconf("SC_CLK_TCK")
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            self.cpu_pct = 100 * used_s / (cpus * (time.monotonic() - self._t0))
+            self.cpu_pct = 100 * used_s / (usable_cpus() * (time.monotonic() - self._t0))
         Path(self.stop).touch()
         self.proc.join(self.timeout_s)
         if self.proc.is_alive():

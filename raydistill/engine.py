@@ -51,6 +51,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ============================================================================= sessions
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class LocalSession:
     """In-process execution: checkpoints under ``run_dir/checkpoint_NNNNNN``, newest resumed."""
 
@@ -58,8 +63,7 @@ class LocalSession:
 
     def __init__(self, run_dir: str, cpus: float | None = None):
         self.run_dir = Path(run_dir)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.cpus = max(1, int(cpus)) if cpus else cores
+        self.cpus = max(1, int(cpus)) if cpus else usable_cpus()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.final_metrics: dict[str, Any] = {}
         self.checkpoint_path: str | None = None

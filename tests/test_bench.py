@@ -184,20 +184,16 @@ def test_idle_ray_runs_a_waiting_trainer_beside_the_block_and_stops_it(tmp_path)
     """``--beside-idle-ray``'s instance: inside the block its TorchTrainer worker is up and waiting (a
     process named ray::RayTrainWorker exists and the trainer's controller too); after the block the
     instance's process has ended, and with it its workers."""
-    def ray_names() -> set[str]:  # Ray sets its processes' titles (their cmdline) to ray::CLASS...
-        names = set()
-        for proc in Path("/proc").glob("[0-9]*"):
-            with contextlib.suppress(OSError):
-                title = (proc / "cmdline").read_bytes().decode(errors="replace")
-                names.update(n for n in ("ray::RayTrainWorker", "ray::TrainController") if title.startswith(n))
-        return names
-
-    def titles(pids) -> set[str]:
+    def titles(pids) -> set[str]:  # Ray sets its processes' titles (their cmdline's first word) to ray::CLASS...
         out = set()
         for pid in pids:
             with contextlib.suppress(OSError):
                 out.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
         return out
+
+    def ray_names() -> set[str]:
+        running = titles(p.name for p in Path("/proc").glob("[0-9]*"))
+        return {n for n in ("ray::RayTrainWorker", "ray::TrainController") if any(t.startswith(n) for t in running)}
 
     before = ray_names()
     with bench.IdleRay(str(tmp_path), settle_s=0) as idle:
