@@ -59,3 +59,36 @@ nonneg_int = _checked(_integer, lambda v: v >= 0, "an integer >= 0", "An integer
 positive_float = _checked(_number, lambda v: v > 0, "a number > 0", "A number > 0 (fractions such as 2/255 allowed).")
 nonneg_float = _checked(_number, lambda v: v >= 0, "a number >= 0", "A number >= 0 (fractions such as 8/255 allowed).")
 probability = _checked(_number, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "A number in [0, 1].")
+
+
+# ----------------------------------------------------------------------------- the `raydistill` command
+COMMANDS = {"train": "one training run", "tune": "a hyperparameter search", "evaluate": "robustness evaluation of a checkpoint",
+            "report": "the comparison table of runs in MLflow", "bench": "training-throughput benchmark",
+            "study": "a comparison study of several methods"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``raydistill COMMAND [options]``: the same as ``python -m raydistill.COMMAND [options]``."""
+    import importlib
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = "usage: raydistill {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
+        f"  {name:<9} {text}" for name, text in COMMANDS.items()) + "\n\n`raydistill COMMAND --help` for its options"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        module = importlib.import_module(f"raydistill.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"raydistill.{name}":
+            raise
+        print(f"error: command '{name}' is not available in this version of raydistill", file=sys.stderr)
+        sys.exit(2)
+    entry = getattr(module, "run", None) or module.main
+    sys.argv = [f"raydistill {name}", *argv[1:]]
+    entry(argv[1:])

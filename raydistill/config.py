@@ -1,9 +1,23 @@
-"""One config path from the command line to the objects: TrainConfig.
+"""One configuration path from the command line, a study or a search trial to the objects.
 
-Precedence, lowest to highest: global defaults < dataset defaults < the method's own settings and hyperparameter
-defaults < the method's preset for the dataset (the paper's published setting) < ``--preset NAME``
-< explicit flags and ``--set NAME=VALUE``. Every value is validated here, before anything is
-created, so bad input is one ``error:`` line.
+Two frozen records:
+
+* :class:`TrainConfig`, the experiment: what is trained and how (data, networks, schedule, threat
+  model, the method's hyperparameters, speed features). It holds
+* :class:`Placement`, where and under which name it runs and is tracked (Ray workers, storage,
+  MLflow). The launcher fills it once, with ``dataclasses.replace``.
+
+The two records' fields ARE the option table: each field's metadata gives its flag group, its
+parser (type and valid range) and its help, so the command-line parsers of train and tune
+(:func:`add_run_options`), the defaults, the types and the coercion of every layer come from one
+place. :func:`resolve` merges the layers once, lowest to highest:
+
+    global defaults (the fields) < dataset defaults (``data.DATASETS``) < the method's settings and
+    hyperparameter defaults < the method's paper preset for the dataset < ``--preset NAME``
+    < explicit flags and ``--set NAME=VALUE`` < a search trial's sampled values
+
+and checks every value (types, ranges, names, files) before anything is created, so bad input is
+one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -12,135 +26,168 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
+from . import cli
 from .errors import UsageError
-from .schedules import Schedule, parse_schedule
-
-DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "digits", "synthetic")
-
-# Per-dataset defaults: the field's standard threat model and a schedule that suits the data size.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar10": dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110]),
-    "cifar100": dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110]),
-    "tinyimagenet": dict(eps=8 / 255, step_size=2 / 255, epochs=100, batch_size=128, lr=0.1, lr_milestones=[50, 75]),
-    "digits": dict(eps=0.1, step_size=0.025, epochs=15, batch_size=64, lr=0.05, lr_milestones=[10, 13],
-                   student="small_cnn"),
-    "synthetic": dict(eps=8 / 255, step_size=2 / 255, epochs=5, batch_size=64, lr=0.05, lr_milestones=[3, 4],
-                      student="small_cnn"),
-}
+from .schedules import Schedule, parse_schedule, resolve_fractions
 
 # Named presets (--preset). Method+dataset presets (paper settings) live on each method class.
 PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": dict(dataset="digits", student="small_cnn", epochs=8, batch_size=64,
                        lr=0.05, lr_milestones=[6], val_size=200),
 }
+# training settings a search may tune beside the method's hyperparameters (name -> search default)
+TUNABLE_SETTINGS = {"lr": 0.1, "weight_decay": 5e-4}
 
 
-@dataclass
+def _int_list(text: str, flag: str = "--lr-milestones") -> list[int]:
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(t) for t in text)
+    try:
+        out = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of epochs, e.g. 100,150") from None
+    if any(v < 0 for v in out):
+        raise UsageError(f"{flag} {text!r}: epochs must be >= 0")
+    return sorted(out)
+
+
+def _attacks(text: str) -> list[str]:
+    from .evaluation import parse_attacks
+
+    return parse_attacks(text)
+
+
+def opt(default: Any, parse: Callable | None = str, group: str | None = None, help: str = "",
+        choices: tuple | None = None, factory: Callable | None = None) -> Any:
+    """One row of the option table: a field with its default, parser (type and range), flag group
+    (None: no command-line flag) and help. ``parse=bool`` is a switch (``--flag``)."""
+    meta = {"parse": parse, "group": group, "help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run runs and is tracked; filled once by the launcher (train, tune, study, bench)."""
+
+    name: str | None = opt(None, group="run", help="run name; relaunching an interrupted run with the same name resumes it")
+    storage_path: str | None = opt(None, group="run", help="runs and checkpoints folder or URI (default ~/ray_results)")
+    workers: int = opt(1, cli.nonneg_int, "run", "Ray Train workers (default 1; 0 = in-process, no Ray)")
+    in_process: bool = opt(False, None)
+    gpus_per_worker: float | None = opt(None, cli.nonneg_float, "run", "default: 1 if a GPU is present, else 0")
+    cpus_per_worker: float | None = opt(None, cli.positive_float, "run", "CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
+    threads: int | None = opt(None, None)  # intra-op threads (default: the worker's CPUs)
+    max_failures: int = opt(0, cli.nonneg_int, "run", "worker-group restarts Ray Train may do (default 0)")
+    tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI (default: MLflow's own default)")
+    experiment: str = opt("raydistill", group="run", help="MLflow experiment name (default raydistill)")
+    mlflow_run_id: str | None = opt(None, None)
+
+    def run_dir(self) -> str:
+        """The run's folder (the launcher has made ``storage_path`` absolute)."""
+        return os.path.join(self.storage_path or "", self.name or "run")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; a plain-data object that travels to Ray workers."""
+    """Everything one training run computes with (frozen); ``placement`` says where it runs."""
 
-    method: str = "natural"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    dataset_options: dict = field(default_factory=dict)
-    val_size: int | None = None
-    student: str = "resnet18"
-    peer: str | None = None
-    teacher: str | None = None
-    teacher_arch: str | None = None
-    natural_teacher: str | None = None
-    natural_teacher_arch: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_milestones: list = field(default_factory=lambda: [])
-    lr_gamma: float = 0.1
-    swa_start: int | None = None
-    seed: int = 0
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    attack_steps: int = 10
-    hp: dict = field(default_factory=dict)
-    precision: str = "fp32"
-    channels_last: bool = False  # speed features: raydistill.fastpath
-    fold_bn: bool = False
-    input_grads_only: bool = False
-    compile: str = "none"
-    workers: int = 1
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
-    in_process: bool = False
-    threads: int | None = None
-    max_failures: int = 0
-    name: str | None = None
-    storage_path: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = "raydistill"
-    mlflow_run_id: str | None = None
-    test_attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
-    preset: str | None = None
-    log_every: int = 0
-    fault: str | None = None  # testing only: "kill:EPOCH:RANK:MARKER,..." kills that worker once (Trainer.maybe_fault)
-    debug_dump: str | None = None  # testing only: each rank writes weight digests here at the end
+    method: str = opt("natural", None)
+    dataset: str = opt("digits", group="data", help="one of {datasets} (default digits)")
+    data_dir: str | None = opt(None, group="data", help="folder with the dataset files (downloaded there with --download)")
+    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing")
+    dataset_options: dict = opt(None, None, factory=dict)
+    val_size: int | None = opt(None, cli.nonneg_int, "data", "held-out validation images from the training split (0: use the test split, as the authors' code does)")
+    student: str = opt("resnet18", group="models", help="student architecture")
+    peer: str | None = opt(None, group="models", help="peer architecture of peeraid, and of the teachers at_aka trains (default: the student's)")
+    teacher: str | None = opt(None, group="models", help="robust teacher checkpoint (offline methods)")
+    teacher_arch: str | None = opt(None, group="models", help="architecture of an external --teacher state_dict")
+    natural_teacher: str | None = opt(None, group="models", help="naturally trained teacher checkpoint (akd2, iad2)")
+    natural_teacher_arch: str | None = opt(None, group="models", help="architecture of an external --natural-teacher state_dict")
+    epochs: int = opt(10, cli.positive_int, "optimisation")
+    batch_size: int = opt(128, cli.positive_int, "optimisation", "global batch size (split across workers)")
+    lr: float = opt(0.1, cli.nonneg_float, "optimisation")
+    momentum: float = opt(0.9, None)
+    weight_decay: float = opt(5e-4, cli.nonneg_float, "optimisation")
+    lr_milestones: list = opt(None, _int_list, "optimisation", "comma-separated epochs where the learning rate is multiplied by 0.1", factory=list)
+    lr_gamma: float = opt(0.1, None)
+    swa_start: int | None = opt(None, cli.nonneg_int, "optimisation", "average the student's weights from this epoch on")
+    seed: int = opt(0, cli.nonneg_int, "optimisation")
+    eps: float = opt(8 / 255, cli.nonneg_float, "threat model", "L-inf radius in pixel scale [0,1], e.g. 0.0314")
+    step_size: float = opt(2 / 255, cli.nonneg_float, "threat model")
+    attack_steps: int = opt(10, cli.positive_int, "threat model")
+    hp: dict = opt(None, None, factory=dict)
+    precision: str = opt("fp32", group="speed", help="fp32 (default) or bf16 autocast with losses in fp32", choices=("fp32", "bf16"))
+    channels_last: bool = opt(False, bool, "speed", "NHWC memory format for the networks (same arithmetic)")
+    fold_bn: bool = opt(False, bool, "speed", "attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
+    input_grads_only: bool = opt(False, bool, "speed", "parameters' requires_grad off while attacking (input gradients only)")
+    compile: str = opt("none", group="speed", help="torch.compile the attack's networks, or all forwards and backwards (default none)",
+                       choices=("none", "attack", "all"))
+    test_attacks: list = opt(None, _attacks, "run", "final test attacks (default clean,fgsm,pgd20)",
+                             factory=lambda: ["clean", "fgsm", "pgd20"])
+    preset: str | None = opt(None, group="run", help=f"named settings: {', '.join(PRESETS)}")
+    placement: Placement = opt(None, None, factory=Placement)
 
     def to_dict(self) -> dict:
+        """Plain values (schedules as dicts): for checkpoints and MLflow params."""
         d = dataclasses.asdict(self)
         d["hp"] = {k: (v.to_dict() if isinstance(v, Schedule) else v) for k, v in self.hp.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
-        cfg.hp = {k: (parse_schedule(v, k) if isinstance(v, dict) else v) for k, v in cfg.hp.items()}
-        return cfg
-
-    def run_dir(self) -> str:
-        return os.path.join(storage_path(self.storage_path), self.name or "run")
-
-
-def storage_path(path: str | None) -> str:
-    """Where runs and checkpoints live: a local folder or a pyarrow filesystem URI (s3://, gs://)."""
-    path = path or os.environ.get("RAYDISTILL_STORAGE") or os.path.join(Path.home(), "ray_results")
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        values["hp"] = {k: (parse_schedule(v, k) if isinstance(v, dict) else v) for k, v in d.get("hp", {}).items()}
+        p = d.get("placement") or {}
+        values["placement"] = Placement(**{k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(Placement)}})
+        return cls(**values)
 
 
-# ----------------------------------------------------------------------------- hyperparameters
-def coerce_hparam(method: str, name: str, value: Any, default: Any, choices: tuple | None) -> Any:
-    """Check one method hyperparameter against the type of its default."""
-    where = f"--set {name}={value}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise UsageError(f"{where}: {name} of {method} is a boolean; give true or false")
-    if isinstance(default, int) and not isinstance(default, bool):
-        try:
-            out = int(str(value)) if not isinstance(value, int) else value
-        except ValueError:
-            raise UsageError(f"{where}: {name} of {method} is an integer; give e.g. {default}") from None
-        if choices and out not in choices:
-            raise UsageError(f"{where}: {name} of {method} must be one of {', '.join(map(str, choices))}")
-        if out < 0:
-            raise UsageError(f"{where}: {name} of {method} must be >= 0")
-        return out
-    if isinstance(default, (float, Schedule)):
-        out = parse_schedule(value, name)
-        return out
-    if isinstance(default, str):
-        out = str(value)
-        if choices and out not in choices:
-            raise UsageError(f"{where}: {name} of {method} must be one of {', '.join(choices)}")
-        return out
-    raise UsageError(f"{where}: cannot set {name}")
+EXPERIMENT_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+PLACEMENT_FIELDS = {f.name: f for f in dataclasses.fields(Placement)}
+GROUPS = ("data", "models", "optimisation", "threat model", "run", "speed")
+
+
+# ----------------------------------------------------------------------------- the command line
+def add_run_options(p: argparse.ArgumentParser, helps: Mapping[str, str] | None = None,
+                    only: set[str] | None = None) -> None:
+    """The option table's flags (train, tune; ``only`` picks some, as bench does), plus ``--set``
+    and ``--summary-json``. ``helps`` overrides a flag's help for one command."""
+    from .data import DATASETS
+
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in list(EXPERIMENT_FIELDS.values()) + list(PLACEMENT_FIELDS.values()):
+        meta = f.metadata
+        if meta.get("group") is None or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = (helps or {}).get(f.name, meta["help"]).replace("{datasets}", ", ".join(DATASETS.names()))
+        if meta["parse"] is bool:
+            groups[meta["group"]].add_argument(flag, action="store_true", default=None, help=text)
+        elif meta["parse"] in (_int_list, _attacks):  # lists: parsed (and checked) when resolved
+            groups[meta["group"]].add_argument(flag, help=text)
+        else:
+            groups[meta["group"]].add_argument(flag, type=meta["parse"], choices=meta["choices"], help=text)
+    if only is None:
+        groups["optimisation"].add_argument(
+            "--set", action="append", metavar="NAME=VALUE",
+            help="a method hyperparameter (repeatable); numbers or schedules linear(a,b,e0,e1) / step(a,b,e)")
+        groups["run"].add_argument("--summary-json", help="write the run's summary JSON here")
+
+
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The option-table values given on a command line (not given: absent)."""
+    out = {}
+    for name, f in list(EXPERIMENT_FIELDS.items()) + list(PLACEMENT_FIELDS.items()):
+        if f.metadata.get("group") is None:
+            continue
+        v = getattr(args, name, None)
+        if v is not None and v is not False:
+            out[name] = v
+    return out
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:
@@ -153,123 +200,132 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-# ----------------------------------------------------------------------------- the CLI options
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by train and tune (the contract's list plus extensions)."""
-    from .cli import nonneg_float, nonneg_int, positive_float, positive_int
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default digits)")
-    g.add_argument("--data-dir", help="folder with the dataset files (downloaded there with --download)")
-    g.add_argument("--download", action="store_true", help="download CIFAR/TinyImageNet into --data-dir when missing")
-    g.add_argument("--val-size", type=nonneg_int, help="held-out validation images from the training split (0: use the test split, as the authors' code does)")
-    g = p.add_argument_group("models")
-    g.add_argument("--student", help="student architecture")
-    g.add_argument("--peer", help="peer architecture of peeraid, and of the teachers at_aka trains (default: the student's)")
-    g.add_argument("--teacher", help="robust teacher checkpoint (offline methods)")
-    g.add_argument("--teacher-arch", help="architecture of an external --teacher state_dict")
-    g.add_argument("--natural-teacher", help="naturally trained teacher checkpoint (akd2, iad2)")
-    g.add_argument("--natural-teacher-arch", help="architecture of an external --natural-teacher state_dict")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int)
-    g.add_argument("--batch-size", type=positive_int, help="global batch size (split across workers)")
-    g.add_argument("--lr", type=nonneg_float)
-    g.add_argument("--weight-decay", type=nonneg_float)
-    g.add_argument("--lr-milestones", help="comma-separated epochs where the learning rate is multiplied by 0.1")
-    g.add_argument("--swa-start", type=nonneg_int, help="average the student's weights from this epoch on")
-    g.add_argument("--seed", type=nonneg_int)
-    g = p.add_argument_group("threat model")
-    g.add_argument("--eps", type=nonneg_float, help="L-inf radius in pixel scale [0,1], e.g. 0.0314")
-    g.add_argument("--step-size", type=nonneg_float)
-    g.add_argument("--attack-steps", type=positive_int)
-    g.add_argument("--set", action="append", metavar="NAME=VALUE", help="a method hyperparameter (repeatable); numbers or schedules linear(a,b,e0,e1) / step(a,b,e)")
-    g = p.add_argument_group("scaling and tracking")
-    g.add_argument("--workers", type=nonneg_int, help="Ray Train workers (default 1; 0 = in-process, no Ray)")
-    g.add_argument("--gpus-per-worker", type=nonneg_float, help="default: 1 if a GPU is present, else 0")
-    g.add_argument("--cpus-per-worker", type=positive_float, help="CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast with losses in fp32")
-    g.add_argument("--preset", help=f"named settings: {', '.join(PRESETS)}")
-    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own default)")
-    g.add_argument("--experiment", help="MLflow experiment name (default raydistill)")
-    g.add_argument("--storage-path", help="runs and checkpoints folder or URI (default ~/ray_results)")
-    g.add_argument("--max-failures", type=nonneg_int, help="worker-group restarts Ray Train may do (default 0)")
-    g.add_argument("--test-attacks", help="final test attacks (default clean,fgsm,pgd20)")
-    g.add_argument("--summary-json", help="write the run's summary JSON here")
-    from . import fastpath
-
-    fastpath.add_options(p.add_argument_group("speed (the same mathematics; see raydistill.fastpath)"))
-    # testing aids, not shown in --help
-    p.add_argument("--fault", help=argparse.SUPPRESS)
-    p.add_argument("--debug-dump", help=argparse.SUPPRESS)
-
-
 def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = None) -> TrainConfig:
-    """Resolve defaults, presets and flags into a validated TrainConfig (raises UsageError)."""
+    """A command line's configuration: :func:`resolve` of its flags and ``--set`` values."""
+    hp = parse_set(getattr(args, "set", None))
+    hp.update(extra_hp or {})
+    return resolve(method, flags_of(args), hp)
+
+
+# ----------------------------------------------------------------------------- the layers
+def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str, Any] | None = None,
+            trial: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Merge the layers into one validated, frozen TrainConfig (raises UsageError).
+
+    ``flags``: option-table values given explicitly (experiment and placement fields); ``hp``: the
+    method's hyperparameters given with ``--set`` (text or values); ``trial``: a search trial's
+    values (hyperparameters or tunable settings; epoch fractions of schedules allowed), on top.
+    """
+    from .data import DATASETS
     from .methods import get_method
 
     cls = get_method(method)
-    cfg = TrainConfig(method=method)
+    flags, trial = dict(flags or {}), dict(trial or {})
+    name = flags.get("preset")
+    if name is not None and name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
+    preset = dict(PRESETS.get(name or "", {}))
+    dataset = flags.get("dataset") or preset.get("dataset") or EXPERIMENT_FIELDS["dataset"].default
+    paper = dict(cls.presets.get(dataset, {}))
     settings: dict[str, Any] = {}
-    if args.preset is not None and args.preset not in PRESETS:
-        raise UsageError(f"unknown preset '{args.preset}'; choose from: {', '.join(PRESETS)}")
-    preset = dict(PRESETS.get(args.preset or "", {}))
-    dataset = args.dataset or preset.get("dataset") or "digits"
-    if dataset not in DATASET_NAMES:
-        raise UsageError(f"unknown dataset '{dataset}'; choose from: {', '.join(DATASET_NAMES)}")
-    settings.update(DATASET_DEFAULTS[dataset])
-    settings.update(cls.settings)
-    hp = dict(cls.hparams)
-    paper = cls.presets.get(dataset, {})
-    hp.update(paper.get("hp", {}))
-    settings.update({k: v for k, v in paper.items() if k != "hp"})
-    hp.update(preset.pop("hp", {}))
-    settings.update(preset)
-    flags = {k: getattr(args, k, None) for k in (
-        "dataset", "data_dir", "download", "val_size", "student", "peer", "teacher", "teacher_arch",
-        "natural_teacher", "natural_teacher_arch", "epochs", "batch_size", "lr", "weight_decay", "swa_start",
-        "seed", "eps", "step_size", "attack_steps", "precision", "channels_last", "fold_bn",
-        "input_grads_only", "compile", "workers", "gpus_per_worker", "cpus_per_worker", "preset",
-        "tracking_uri", "experiment", "storage_path", "max_failures", "name", "fault", "debug_dump")}
-    settings.update({k: v for k, v in flags.items() if v is not None and v is not False})
-    if getattr(args, "lr_milestones", None):
-        settings["lr_milestones"] = _int_list(args.lr_milestones, "--lr-milestones")
-    if getattr(args, "test_attacks", None):
-        from .evaluation import parse_attacks
-        settings["test_attacks"] = parse_attacks(args.test_attacks)
-    settings["dataset"] = dataset
-    for k, v in settings.items():
-        setattr(cfg, k, v)
-    if settings.get("workers") == 0:
-        cfg.in_process, cfg.workers = True, 1
-    # method hyperparameters: defaults < paper preset < --preset < --set / extra_hp
-    given = dict(parse_set(getattr(args, "set", None)))
-    given.update(extra_hp or {})
-    for name, value in given.items():
-        if name not in cls.hparams:
+    hps: dict[str, Any] = dict(cls.hparams)
+    for layer in (DATASETS.get(dataset).defaults, cls.settings, paper, preset):
+        hps.update(layer.get("hp", {}))
+        settings.update({k: v for k, v in layer.items() if k != "hp"})
+    settings.update({k: v for k, v in flags.items() if k in EXPERIMENT_FIELDS})
+    given = dict(hp or {})
+    for k, v in trial.items():
+        if k in cls.hparams:
+            given[k] = v
+        elif k in TUNABLE_SETTINGS:
+            settings[k] = coerce_setting(k, v)
+        else:
+            raise UsageError(f"a trial set '{k}', which is neither a hyperparameter of {method} nor one of "
+                             f"{', '.join(TUNABLE_SETTINGS)}")
+    for k, v in given.items():
+        if k not in cls.hparams:
             known = ", ".join(sorted(cls.hparams)) or "none"
-            raise UsageError(f"--set {name}: {method} has no hyperparameter '{name}'; it has: {known}")
-        hp[name] = value
-    cfg.hp = {k: coerce_hparam(method, k, v, cls.hparams[k], cls.choices.get(k)) for k, v in hp.items()}
-    if cfg.swa_start == "first_decay":  # PeerAiD / AKD²: average from the first learning-rate decay
-        cfg.swa_start = min(cfg.lr_milestones) if cfg.lr_milestones else None
+            raise UsageError(f"--set {k}: {method} has no hyperparameter '{k}'; it has: {known}")
+        hps[k] = v
+    for k in ("lr_milestones", "test_attacks"):
+        if isinstance(settings.get(k), str):
+            settings[k] = EXPERIMENT_FIELDS[k].metadata["parse"](settings[k])
+    settings["dataset"] = dataset
+    epochs = int(settings.get("epochs", EXPERIMENT_FIELDS["epochs"].default))
+    settings["hp"] = {k: coerce_hparam(method, k, resolve_fractions(v, epochs), cls.hparams[k], cls.choices.get(k), cls)
+                      for k, v in hps.items()}
+    if settings.get("swa_start") == "first_decay":  # PeerAiD / AKD²: average from the first learning-rate decay
+        milestones = settings.get("lr_milestones") or []
+        settings["swa_start"] = min(milestones) if milestones else None
+    place = {k: v for k, v in flags.items() if k in PLACEMENT_FIELDS}
+    if place.get("workers") == 0:
+        place.update(in_process=True, workers=1)
+    cfg = TrainConfig(method=method, placement=Placement(**place),
+                      **{k: v for k, v in settings.items() if k in EXPERIMENT_FIELDS})
     validate(cfg)
     cls.validate_config(cfg)
     return cfg
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def coerce_value(method: str, name: str, value: Any) -> Any:
+    """One value a search may give: a hyperparameter of ``method`` or a tunable training setting."""
+    from .methods import get_method
+
+    cls = get_method(method)
+    if name in cls.hparams:
+        return coerce_hparam(method, name, value, cls.hparams[name], cls.choices.get(name), cls)
+    return coerce_setting(name, value)
+
+
+def coerce_setting(name: str, value: Any) -> Any:
+    """A training setting's value (from a trial or a search space) through the option table's parser."""
+    parse = EXPERIMENT_FIELDS[name].metadata["parse"]
     try:
-        out = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a comma-separated list of epochs, e.g. 100,150") from None
-    if any(v < 0 for v in out):
-        raise UsageError(f"{flag} {text!r}: epochs must be >= 0")
-    return sorted(out)
+        return parse(str(value))
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{name}={value!r}: {exc}") from None
+
+
+def coerce_hparam(method: str, name: str, value: Any, default: Any, choices: tuple | None, cls=None) -> Any:
+    """Check one method hyperparameter against the type of its default and its declared range."""
+    where = f"--set {name}={value}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"{where}: {name} of {method} is a boolean; give true or false")
+    if isinstance(default, int):
+        try:
+            out = int(str(value)) if not isinstance(value, int) else value
+        except ValueError:
+            raise UsageError(f"{where}: {name} of {method} is an integer; give e.g. {default}") from None
+        if choices and out not in choices:
+            raise UsageError(f"{where}: {name} of {method} must be one of {', '.join(map(str, choices))}")
+        if out < 0:
+            raise UsageError(f"{where}: {name} of {method} must be >= 0")
+    elif isinstance(default, (float, Schedule)):
+        out = parse_schedule(value, name)
+    elif isinstance(default, str):
+        out = str(value)
+        if choices and out not in choices:
+            raise UsageError(f"{where}: {name} of {method} must be one of {', '.join(choices)}")
+        return out
+    else:
+        raise UsageError(f"{where}: cannot set {name}")
+    check = getattr(cls, "check_value", None)
+    if check is not None:
+        check(name, out)
+    return out
 
 
 def validate(cfg: TrainConfig) -> None:
+    from .data import DATASETS
     from .models import MODELS
 
+    DATASETS.get(cfg.dataset)
     MODELS.get(cfg.student)
     if cfg.peer is not None:
         MODELS.get(cfg.peer)
@@ -278,10 +334,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{flag} {value} must be a finite number >= 0")
     if cfg.eps > 1:
         raise UsageError(f"--eps {cfg.eps} is above 1; eps is in pixel scale [0,1], e.g. 0.0314 for 8/255")
-    if cfg.batch_size < cfg.workers:
-        raise UsageError(f"--batch-size {cfg.batch_size} is smaller than --workers {cfg.workers}; each worker needs at least one image")
-    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name.startswith(".")):
-        raise UsageError(f"--name {cfg.name!r} must be a plain folder name (no '/', not starting with '.')")
+    p = cfg.placement
+    if cfg.batch_size < p.workers:
+        raise UsageError(f"--batch-size {cfg.batch_size} is smaller than --workers {p.workers}; each worker needs at least one image")
+    if p.name is not None and (not p.name or "/" in p.name or p.name.startswith(".")):
+        raise UsageError(f"--name {p.name!r} must be a plain folder name (no '/', not starting with '.')")
     for flag, path in (("--teacher", cfg.teacher), ("--natural-teacher", cfg.natural_teacher), ("--data-dir", cfg.data_dir)):
         if path is not None and "://" not in path and not os.path.exists(path) and not (flag == "--data-dir" and cfg.download):
             raise UsageError(f"{flag} '{path}' does not exist")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -57,8 +57,29 @@ class _Splits(NamedTuple):
     crop_pad: int
 
 
-# name -> loader(data_dir: Path, download: bool, **options) -> _Splits
-DATASETS: Registry = Registry("dataset")
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset's facts: its loader, class count and image shape (None: set by its options), and the
+    training defaults that suit it (the configuration's dataset layer: threat model, schedule)."""
+
+    loader: Callable[..., _Splits]
+    num_classes: int | None
+    in_shape: tuple[int, int, int] | None
+    defaults: dict = field(default_factory=dict)
+
+
+# name -> DatasetSpec; a loader is loader(data_dir: Path, download: bool, **options) -> _Splits
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+CIFAR_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110])
+
+
+def register(name: str, num_classes: int | None, in_shape: tuple[int, int, int] | None, **defaults):
+    """Register a loader function under ``name`` with its facts and training defaults."""
+    def deco(loader: Callable[..., _Splits]) -> Callable[..., _Splits]:
+        DATASETS.add(name, DatasetSpec(loader, num_classes, in_shape, defaults))
+        return loader
+
+    return deco
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int | None = None,
@@ -69,7 +90,7 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     the test split as validation (as the original papers' code does). ``options`` go to the loader
     (only ``synthetic`` takes any: shape, num_classes, n_train, n_test, seed).
     """
-    loader = DATASETS.get(name)
+    loader = DATASETS.get(name).loader
     accepted = [p for p in inspect.signature(loader).parameters if p not in ("data_dir", "download")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -138,12 +159,12 @@ def _cifar(cls_name: str, folder: str, files: str, data_dir: Path, download: boo
                    len(train.classes), hflip=True, crop_pad=4)
 
 
-@DATASETS.register("cifar10")
+@register("cifar10", 10, (3, 32, 32), **CIFAR_DEFAULTS)
 def load_cifar10(data_dir: Path, download: bool) -> _Splits:
     return _cifar("CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta", data_dir, download)
 
 
-@DATASETS.register("cifar100")
+@register("cifar100", 100, (3, 32, 32), **CIFAR_DEFAULTS)
 def load_cifar100(data_dir: Path, download: bool) -> _Splits:
     return _cifar("CIFAR100", "cifar-100-python", "train, test, meta", data_dir, download)
 
@@ -152,7 +173,8 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-@DATASETS.register("tinyimagenet")
+@register("tinyimagenet", 200, (3, 64, 64), eps=8 / 255, step_size=2 / 255, epochs=100, batch_size=128, lr=0.1,
+          lr_milestones=[50, 75])
 def load_tinyimagenet(data_dir: Path, download: bool) -> _Splits:
     """The official ``tiny-imagenet-200`` folder; its labelled ``val`` split serves as the test split.
 
@@ -206,7 +228,8 @@ def _read_images(files: list[tuple[Path, int]]) -> tuple[Tensor, Tensor]:
     return x, torch.tensor([c for _, c in files], dtype=torch.int64)
 
 
-@DATASETS.register("digits")
+@register("digits", 10, (1, 8, 8), eps=0.1, step_size=0.025, epochs=15, batch_size=64, lr=0.05,
+          lr_milestones=[10, 13], student="small_cnn")
 def load_digits(data_dir: Path, download: bool) -> _Splits:
     """scikit-learn's 1797 8x8 handwritten digits (bundled, no download), values 0..16 scaled to [0, 1].
 
@@ -222,7 +245,8 @@ def load_digits(data_dir: Path, download: bool) -> _Splits:
     return _Splits(x[train], y[train], x[test], y[test], 10, hflip=False, crop_pad=1)
 
 
-@DATASETS.register("synthetic")
+@register("synthetic", None, None, eps=8 / 255, step_size=2 / 255, epochs=5, batch_size=64, lr=0.05,
+          lr_milestones=[3, 4], student="small_cnn")
 def load_synthetic(data_dir: Path, download: bool, shape=(3, 32, 32), num_classes: int = 10,
                    n_train: int = 2000, n_test: int = 500, seed: int = 0) -> _Splits:
     """A learnable toy problem of any shape: per-class smooth random prototypes plus pixel noise, in [0, 1].

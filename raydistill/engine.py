@@ -237,7 +237,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg, s = self.cfg, self.s
-        torch.set_num_threads(cfg.threads or s.cpus)  # exactly the CPUs this worker holds: no oversubscription
+        torch.set_num_threads(cfg.placement.threads or s.cpus)  # exactly the CPUs this worker holds: no oversubscription
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = s.device
@@ -273,10 +273,10 @@ class Trainer:
         self.restore(s.load_checkpoint())
         self.per_worker_batch = max(1, cfg.batch_size // s.world_size)
         self.logger = None
-        if self.is_main and cfg.mlflow_run_id:
+        if self.is_main and cfg.placement.mlflow_run_id:
             from .tracking import EpochLogger
 
-            self.logger = EpochLogger(cfg.tracking_uri, cfg.mlflow_run_id)
+            self.logger = EpochLogger(cfg.placement.tracking_uri, cfg.placement.mlflow_run_id)
             self.logger.backfill(self.history)
 
     def restore(self, state: dict | None) -> None:
@@ -372,7 +372,7 @@ class Trainer:
         of that rank SIGKILLs itself once (the marker file records it) at that point of epoch EPOCH
         (0-based): WHEN = ``kill`` halfway through the epoch's batches, ``kill-after-report`` right
         after the epoch's checkpoint is reported (before Ray's controller can register it)."""
-        for fault in (self.cfg.fault or "").split(","):
+        for fault in (getattr(self.cfg, "fault", None) or "").split(","):
             kind, e, r, marker = fault.split(":", 3) if fault.count(":") >= 3 else ("", "-1", "-1", "")
             if kind == when and int(e) == epoch and int(r) == self.s.rank and not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
@@ -457,7 +457,7 @@ class Trainer:
     def meta(self) -> dict:
         cfg = self.cfg
         return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps,
-                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.name, "student": self.best["student"]}
+                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.best["student"]}
 
     def write_checkpoint(self, epoch_done: int, directory: str) -> None:
         d, cfg = self.data, self.cfg
@@ -511,7 +511,7 @@ class Trainer:
                 self.logger.log_epoch(epoch, metrics)
         if self.start_epoch >= cfg.epochs:  # relaunched after completion: just the test figures again
             self.report(dict(self.history[-1], **self.test()), repeated=True)
-        if cfg.debug_dump:
+        if getattr(cfg, "debug_dump", None):
             self.dump_weights(cfg.debug_dump)
 
     def dump_weights(self, folder: str) -> None:
@@ -571,7 +571,7 @@ def progress_line(epoch: int, epochs: int, m: dict) -> str:
 
 
 def run_in_process(cfg: TrainConfig) -> LocalSession:
-    session = LocalSession(cfg.run_dir(), cfg.cpus_per_worker)
+    session = LocalSession(cfg.placement.run_dir(), cfg.placement.cpus_per_worker)
     Trainer(cfg, session).run()
     return session
 

@@ -96,3 +96,15 @@ def _make(kind: str, a: float, b: float, e0: float, e1: float, name: str) -> Sch
 
 def value_at(value: float | Schedule, epoch: float) -> float:
     return value(epoch) if isinstance(value, Schedule) else value
+
+
+def resolve_fractions(value: Any, epochs: int) -> Any:
+    """Schedules and epoch counts from a search are fractions of the run's epochs; make them epochs."""
+    if isinstance(value, dict) and "epochs_frac" in value:
+        return int(round(value["epochs_frac"] * epochs))
+    if isinstance(value, dict) and "at_frac" in value:
+        return {"kind": "step", "before": value["before"], "after": value["after"], "at": value["at_frac"] * epochs}
+    if isinstance(value, dict) and "from_frac" in value:
+        return {"kind": "linear", "start": value["start"], "end": value["end"],
+                "from": value["from_frac"] * epochs, "to": value["to_frac"] * epochs}
+    return value

@@ -32,13 +32,13 @@ from typing import Any, Callable
 
 import yaml
 
+from .config import TUNABLE_SETTINGS
 from .errors import UsageError
+from .schedules import resolve_fractions
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 DIST_KEYS = {"float", "int", "categorical"}
 SCHEDULE_KINDS = ("constant", "linear", "step")
-# training settings a search may tune beside the method's hyperparameters (name -> default)
-TUNABLE_SETTINGS = {"lr": 0.1, "weight_decay": 5e-4}
 
 
 def default_path(method: str) -> Path:
@@ -84,18 +84,6 @@ class SearchSpace:
     def hyperparameters(self) -> dict[str, Any]:
         """Fixed values, merged by the caller under the sampled ones."""
         return dict(self.fixed)
-
-
-def resolve_fractions(value: Any, epochs: int) -> Any:
-    """Schedules and epoch counts from a search are fractions of the run's epochs; make them epochs."""
-    if isinstance(value, dict) and "epochs_frac" in value:
-        return int(round(value["epochs_frac"] * epochs))
-    if isinstance(value, dict) and "at_frac" in value:
-        return {"kind": "step", "before": value["before"], "after": value["after"], "at": value["at_frac"] * epochs}
-    if isinstance(value, dict) and "from_frac" in value:
-        return {"kind": "linear", "start": value["start"], "end": value["end"],
-                "from": value["from_frac"] * epochs, "to": value["to_frac"] * epochs}
-    return value
 
 
 def _suggest(trial, name: str, spec: Any) -> Any:
@@ -222,17 +210,11 @@ def _check_types(space: SearchSpace, cls, path: Path) -> None:
     and a sample of each schedule."""
     import optuna
 
-    from .config import coerce_hparam
-    from .schedules import parse_schedule
+    from .config import coerce_value
 
     def check(name: str, value: Any) -> None:
         try:
-            v = resolve_fractions(value, 100)
-            if isinstance(v, dict):
-                parse_schedule(v, name)
-            else:
-                coerce_hparam(space.method, name, v, cls.hparams.get(name, TUNABLE_SETTINGS.get(name)),
-                              cls.choices.get(name))
+            coerce_value(space.method, name, resolve_fractions(value, 100))
         except UsageError as exc:
             raise UsageError(f"search space '{path}': params.{name}: {exc}") from None
 
@@ -248,6 +230,11 @@ def _check_types(space: SearchSpace, cls, path: Path) -> None:
         elif isinstance(spec, dict) and ("float" in spec or "int" in spec):
             for bound in spec.get("float", spec.get("int")):
                 check(name, bound)
+        elif isinstance(spec, dict) and "schedule" in spec:  # the values a schedule takes: both ends of each
+            for part in ("value", "start"):
+                v = spec["schedule"].get(part, 0.0)
+                for bound in (v.get("float", v.get("int", v.get("categorical", []))) if isinstance(v, dict) else [v]):
+                    check(name, bound)
         elif not isinstance(spec, dict):
             check(name, spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

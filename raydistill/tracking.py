@@ -68,22 +68,23 @@ def experiment_id(c, name: str) -> str:
 def flat_params(cfg) -> dict[str, str]:
     d = cfg.to_dict()
     hp = d.pop("hp")
-    skip = {"tracking_uri", "mlflow_run_id", "fault", "summary_json"}
+    d.update(d.pop("placement"))  # one flat list of parameters, as the option table names them
+    skip = {"tracking_uri", "mlflow_run_id"}
     out = {k: str(v) for k, v in d.items() if k not in skip and v is not None}
     out.update({f"hp.{k}": str(v) for k, v in sorted(hp.items())})
     return {k: v[:500] for k, v in out.items()}
 
 
 def run_tags(cfg) -> dict[str, str]:
-    return {NAME_TAG: cfg.name, "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student,
-            "seed": str(cfg.seed), "mlflow.runName": cfg.name}
+    return {NAME_TAG: cfg.placement.name, "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student,
+            "seed": str(cfg.seed), "mlflow.runName": cfg.placement.name}
 
 
 def start_run(cfg, parent_run_id: str | None = None) -> str:
     """Create (or reuse, for a resumed --name) the run for ``cfg``; returns its id."""
-    c = client(cfg.tracking_uri)
-    exp = experiment_id(c, cfg.experiment)
-    found = c.search_runs([exp], filter_string=f"tags.`{NAME_TAG}` = '{cfg.name}'", max_results=5,
+    c = client(cfg.placement.tracking_uri)
+    exp = experiment_id(c, cfg.placement.experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{NAME_TAG}` = '{cfg.placement.name}'", max_results=5,
                           order_by=["attributes.start_time DESC"])
     if found:  # a relaunch of the same --name continues its run (resume, or more epochs)
         run_id = found[0].info.run_id
@@ -92,7 +93,7 @@ def start_run(cfg, parent_run_id: str | None = None) -> str:
     tags = run_tags(cfg)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp, tags=tags, run_name=cfg.name)
+    run = c.create_run(exp, tags=tags, run_name=cfg.placement.name)
     from mlflow.entities import Param
 
     params = [Param(k, v) for k, v in flat_params(cfg).items()]

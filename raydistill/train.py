@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,8 @@ from typing import Any
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from .cli import ArgParser
-from .config import TrainConfig, add_run_options, build_config, storage_path
+from .config import TrainConfig, add_run_options, build_config
 from .errors import UsageError, cli_entry
-
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
-IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64), "digits": (1, 8, 8)}
 
 
 class TrainingFailed(RuntimeError):
@@ -31,7 +29,6 @@ def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
     p.add_argument("method", nargs="?", help="method name (see --list)")
     p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
-    p.add_argument("--name", help="run name; relaunching an interrupted run with the same name resumes it")
     add_run_options(p)
     return p
 
@@ -40,13 +37,21 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def storage_root(path: str | None) -> str:
+    """Where runs and checkpoints live: a local folder or a pyarrow filesystem URI (s3://, gs://)."""
+    path = path or os.environ.get("RAYDISTILL_STORAGE") or os.path.join(Path.home(), "ray_results")
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
     from .checkpoint import load_model
+    from .data import DATASETS
     from .methods import get_method
 
-    n_classes = NUM_CLASSES.get(cfg.dataset) or cfg.dataset_options.get("num_classes", 10)
-    shape = IN_SHAPES.get(cfg.dataset)
+    spec = DATASETS.get(cfg.dataset)
+    n_classes = spec.num_classes or cfg.dataset_options.get("num_classes", 10)
+    shape = spec.in_shape
     for spec in get_method(cfg.method)(cfg).networks():
         if not spec.trainable:
             load_model(spec.checkpoint, "cpu", arch=spec.arch or None, num_classes=n_classes, in_shape=shape,
@@ -58,15 +63,16 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md)."""
     from . import tracking
 
-    cfg.name = cfg.name or default_name(cfg)
-    cfg.storage_path = storage_path(cfg.storage_path)
+    p = cfg.placement
+    cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage_root(p.storage_path),
+                                         tracking_uri=tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
-    cfg.tracking_uri = tracking.resolve_uri(cfg.tracking_uri)
-    tracking.check_reachable(cfg.tracking_uri)
-    cfg.mlflow_run_id = tracking.start_run(cfg, parent_run_id=parent_run_id)
+    tracking.check_reachable(cfg.placement.tracking_uri)
+    cfg = replace(cfg, placement=replace(cfg.placement, mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id)))
+    p = cfg.placement
     t0 = time.time()
     try:
-        if cfg.in_process:
+        if p.in_process:
             from .engine import run_in_process
 
             session = run_in_process(cfg)
@@ -77,17 +83,17 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
         try:
-            tracking.client(cfg.tracking_uri).set_tag(cfg.mlflow_run_id, "failure_reason", reason[:5000])
-            tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, status)
+            tracking.client(p.tracking_uri).set_tag(p.mlflow_run_id, "failure_reason", reason[:5000])
+            tracking.end_run(p.tracking_uri, p.mlflow_run_id, status)
         except Exception:
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
         raise TrainingFailed(reason) from exc
     if checkpoint:
-        tracking.log_checkpoint(cfg.tracking_uri, cfg.mlflow_run_id, checkpoint)
-    tracking.log_curves(cfg.tracking_uri, cfg.mlflow_run_id)
-    tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, "FINISHED")
+        tracking.log_checkpoint(p.tracking_uri, p.mlflow_run_id, checkpoint)
+    tracking.log_curves(p.tracking_uri, p.mlflow_run_id)
+    tracking.end_run(p.tracking_uri, p.mlflow_run_id, "FINISHED")
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
@@ -121,23 +127,24 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     from .engine import train_worker
 
     init_ray(log_to_driver=not quiet)
-    gpus = cfg.gpus_per_worker
+    p = cfg.placement
+    gpus = p.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0.0
-    cpus = cfg.cpus_per_worker or cpus_each(cfg.workers)
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= p.workers else 0.0
+    cpus = p.cpus_per_worker or cpus_each(p.workers)
     from . import tracking
 
-    tracking.log_resolved(cfg.tracking_uri, cfg.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
+    tracking.log_resolved(p.tracking_uri, p.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
     resources = {"CPU": float(cpus)}
     if gpus:
         resources["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=p.name, storage_path=p.storage_path,
+                             failure_config=FailureConfig(max_failures=p.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks or None,
                              logging_config=LoggingConfig(log_level="WARNING"),
@@ -148,7 +155,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
     if result.error is not None:
         raise result.error
     ckpt = result.checkpoint
-    path = ckpt.path if ckpt is not None and "://" not in cfg.storage_path else None
+    path = ckpt.path if ckpt is not None and "://" not in p.storage_path else None
     return dict(result.metrics or {}), path
 
 
@@ -172,8 +179,9 @@ def root_cause(exc: BaseException) -> str:
 
 def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
-    return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": cfg.name,
-            "mlflow_run_id": cfg.mlflow_run_id, "tracking_uri": cfg.tracking_uri,
+    p = cfg.placement
+    return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": p.name,
+            "mlflow_run_id": p.mlflow_run_id, "tracking_uri": p.tracking_uri,
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from typing import Any
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from .cli import ArgParser, nonneg_float, positive_int
-from .config import TrainConfig, add_run_options, build_config, coerce_hparam, storage_path
+from .config import TrainConfig, add_run_options, build_config, flags_of, parse_set
 from .errors import UsageError, cli_entry
 
 METRIC = "val/pgd10_acc"
@@ -30,8 +31,7 @@ TUNE_PRESETS = {"quickstart": dict(num_samples=8, max_concurrent=2, grace_period
 def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.tune", description="Search a method's hyperparameters with Ray Tune + Optuna.")
     p.add_argument("method", help="method name (see python -m raydistill.train --list)")
-    p.add_argument("--name", help="search name (default tune-METHOD-DATASET-TIME); --resume continues it")
-    add_run_options(p)
+    add_run_options(p, helps={"name": "search name (default tune-METHOD-DATASET-TIME); --resume continues it"})
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=positive_int, help="trials (default 8)")
     g.add_argument("--max-concurrent", type=positive_int, help="trials at once (default 2)")
@@ -48,34 +48,24 @@ def parser() -> ArgParser:
 
 
 # ============================================================================= one trial
-def run_trial(config: dict, *, base: dict, space_path: str, parent_run_id: str, search: str) -> None:
-    """The Tune function: one TorchTrainer run with this trial's hyperparameters."""
+def run_trial(config: dict, *, method: str, flags: dict, hp: dict, space_path: str, parent_run_id: str,
+              search: str) -> None:
+    """The Tune function: one TorchTrainer run. The trial's sampled values are the configuration's top
+    layer, above the search's own flags and ``--set`` values (resolved once, here)."""
     import optuna
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from . import search_space
+    from .config import resolve
     from .train import launch
 
-    cfg = TrainConfig.from_dict(base)
-    space = search_space.load(cfg.method, space_path)
-    apply_hparams(cfg, {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))})
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg.name = f"{search}-{trial_id}"
-    cfg.storage_path = os.path.join(cfg.storage_path, search, "trials")
-    launch(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], quiet=False)
-
-
-def apply_hparams(cfg: TrainConfig, values: dict[str, Any]) -> None:
-    from .methods import get_method
-    from .search_space import TUNABLE_SETTINGS, resolve_fractions
-
-    cls = get_method(cfg.method)
-    for k, v in values.items():
-        if k in cls.hparams:
-            cfg.hp[k] = coerce_hparam(cfg.method, k, resolve_fractions(v, cfg.epochs), cls.hparams[k], cls.choices.get(k))
-        else:  # a training setting (lr, weight_decay)
-            setattr(cfg, k, float(coerce_hparam(cfg.method, k, v, TUNABLE_SETTINGS[k], None)))
+    space = search_space.load(method, space_path)
+    values = {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))}
+    place = dict(flags, name=f"{search}-{ray.tune.get_context().get_trial_id()}",
+                 storage_path=os.path.join(flags["storage_path"], search, "trials"))
+    launch(resolve(method, place, hp, trial=values), parent_run_id=parent_run_id,
+           callbacks=[TuneReportCallback()], quiet=False)
 
 
 # ============================================================================= the driver
@@ -108,7 +98,7 @@ def _define_by_run(trial, *, space) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from . import search_space, tracking
-    from .train import cpus_each, init_ray, preflight, write_json
+    from .train import cpus_each, init_ray, preflight, storage_root, write_json
 
     args = parser().parse_args(argv)
     cfg = build_config(args.method, args)
@@ -124,16 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler == "asha" and grace > cfg.epochs:
         raise UsageError(f"--grace-period {grace} is longer than --epochs {cfg.epochs}")
     space = search_space.load(args.method, args.search_space)
-    if args.gpus_per_trial is not None:
-        cfg.gpus_per_worker = args.gpus_per_trial / cfg.workers
-    if cfg.in_process:
+    p = cfg.placement
+    if p.in_process:
         raise UsageError("--workers 0 (in-process) is not available for tune: each trial is a Ray Train run; give --workers >= 1")
-    name = args.name or f"tune-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if "/" in name or name.startswith("."):
-        raise UsageError(f"--name {name!r} must be a plain folder name")
-    root = storage_path(cfg.storage_path)
+    name = p.name or f"tune-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = storage_root(p.storage_path)
     exp_path = os.path.join(root, name)
-    cfg.storage_path = root
     from ray import tune
 
     if args.resume:
@@ -142,15 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     elif os.path.exists(exp_path):
         raise UsageError(f"a search named '{name}' already exists under {root}; add --resume to continue it or choose another --name")
     preflight(cfg)
-    cfg.tracking_uri = tracking.resolve_uri(cfg.tracking_uri)
-    tracking.check_reachable(cfg.tracking_uri)
+    # the search's placement, filled once; each trial gets its own name and folder under it
+    place = {"storage_path": root, "tracking_uri": tracking.resolve_uri(p.tracking_uri)}
+    if args.gpus_per_trial is not None:
+        place["gpus_per_worker"] = args.gpus_per_trial / p.workers
+    tracking.check_reachable(place["tracking_uri"])
+    init_ray()
+    if p.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
+        place["cpus_per_worker"] = cpus_each(max_concurrent * p.workers)
+    cfg = replace(cfg, placement=replace(p, **place))
     parent = start_parent(cfg, name, space, num_samples, args)
     t0 = time.time()
-    init_ray()
-    if cfg.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
-        cfg.cpus_per_worker = cpus_each(max_concurrent * cfg.workers)
     trainable = tune.with_resources(
-        functools.partial(run_trial, base=cfg.to_dict(), space_path=str(space.path), parent_run_id=parent, search=name),
+        functools.partial(run_trial, method=cfg.method, flags={**flags_of(args), **place}, hp=parse_set(args.set),
+                          space_path=str(space.path), parent_run_id=parent, search=name),
         {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
     try:
         if args.resume:
@@ -174,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         grid = tuner.fit()
     except KeyboardInterrupt:
-        tracking.end_run(cfg.tracking_uri, parent, "KILLED")
+        tracking.end_run(cfg.placement.tracking_uri, parent, "KILLED")
         raise
     trials = collect(grid, cfg, parent)
     if top_k:
@@ -190,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 def start_parent(cfg: TrainConfig, name: str, space, num_samples: int, args) -> str:
     from . import tracking
 
-    c = tracking.client(cfg.tracking_uri)
-    exp = tracking.experiment_id(c, cfg.experiment)
+    c = tracking.client(cfg.placement.tracking_uri)
+    exp = tracking.experiment_id(c, cfg.placement.experiment)
     found = c.search_runs([exp], filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}' and tags.`raydistill.kind` = 'search'",
                           max_results=1)
     if found:
@@ -212,8 +203,8 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
     """One row per trial, with its MLflow child run; runs of early-stopped trials are closed."""
     from . import tracking
 
-    c = tracking.client(cfg.tracking_uri)
-    exp = tracking.experiment_id(c, cfg.experiment)
+    c = tracking.client(cfg.placement.tracking_uri)
+    exp = tracking.experiment_id(c, cfg.placement.experiment)
     children = {r.data.tags.get(tracking.NAME_TAG): r for r in
                 c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
     rows = []
@@ -226,7 +217,7 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
         # FAILED when the stop reached the trial's own error handler first: the run is set from what Tune saw.
         if run is not None and run.info.status != "FINISHED":
             if status == "COMPLETED":  # trained and tested; only its closing step was cut off
-                tracking.log_checkpoint(cfg.tracking_uri, run.info.run_id, m.get("checkpoint_path") or "")
+                tracking.log_checkpoint(cfg.placement.tracking_uri, run.info.run_id, m.get("checkpoint_path") or "")
                 _drop_tag(c, run, "failure_reason")
                 c.set_terminated(run.info.run_id, status="FINISHED")
             elif status == "STOPPED":
@@ -267,7 +258,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None
         acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
         t["metrics"]["test_aa_acc"] = acc
         if t["mlflow_run_id"]:
-            tracking.client(cfg.tracking_uri).log_metric(t["mlflow_run_id"], "test/aa_acc", acc)
+            tracking.client(cfg.placement.tracking_uri).log_metric(t["mlflow_run_id"], "test/aa_acc", acc)
         print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({n} test images): {acc:.4f}", flush=True)
 
 
@@ -302,7 +293,7 @@ def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str,
         pts = [(t["metrics"].get("val_clean_acc", 0), t["metrics"].get("val_pgd10_acc", 0), t) for t in ok]
         pareto = [t["trial_id"] for a, b, t in pts if not any(a2 >= a and b2 >= b and (a2, b2) != (a, b) for a2, b2, _ in pts)]
     return {"method": cfg.method, "dataset": cfg.dataset, "name": name, "mlflow_run_id": parent,
-            "tracking_uri": cfg.tracking_uri, "search": args.search, "scheduler": args.scheduler,
+            "tracking_uri": cfg.placement.tracking_uri, "search": args.search, "scheduler": args.scheduler,
             "objectives": objectives, "num_trials": len(trials),
             "trial_epochs": sum(t["epochs_completed"] for t in trials),
             "wall_time_s": round(wall, 1), "trials": trials, "best": best, "pareto_front": pareto}
@@ -311,14 +302,14 @@ def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str,
 def finish_parent(cfg, parent: str, s: dict) -> None:
     from . import tracking
 
-    c = tracking.client(cfg.tracking_uri)
+    c = tracking.client(cfg.placement.tracking_uri)
     c.log_metric(parent, "trial_epochs", s["trial_epochs"])
     c.log_metric(parent, "num_trials", s["num_trials"])
     if s["best"]:
         c.set_tag(parent, "best_trial", s["best"]["trial_id"])
         for k, v in s["best"]["metrics"].items():
             c.log_metric(parent, f"best/{k}", v)
-    tracking.end_run(cfg.tracking_uri, parent, "FINISHED")
+    tracking.end_run(cfg.placement.tracking_uri, parent, "FINISHED")
 
 
 def print_table(s: dict) -> None:

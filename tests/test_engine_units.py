@@ -16,7 +16,6 @@ from raydistill.schedules import Schedule, parse_schedule, value_at
 
 def args(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--name")
     add_run_options(p)
     return p.parse_args(list(argv))
 
@@ -50,7 +49,7 @@ def test_config_precedence_defaults_preset_flags_set():
     assert build_config("pgd_at", args("--preset", "quickstart", "--epochs", "2")).epochs == 2
     sched = build_config("trades", args("--set", "beta=linear(0,6,0,5)")).hp["beta"]
     assert isinstance(sched, Schedule) and sched(5) == 6
-    assert build_config("natural", args("--workers", "0")).in_process
+    assert build_config("natural", args("--workers", "0")).placement.in_process
 
 
 def test_config_round_trips_through_dict():

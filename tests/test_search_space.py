@@ -7,11 +7,10 @@ import optuna
 import pytest
 
 from raydistill import search_space
-from raydistill.config import TrainConfig
+from raydistill.config import resolve
 from raydistill.errors import UsageError
 from raydistill.methods import METHODS
 from raydistill.schedules import Schedule
-from raydistill.tune import apply_hparams
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -22,8 +21,7 @@ def test_every_method_has_a_valid_search_space(method):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):  # sampled values always make a valid config
         values = {**space.fixed, **space.sample(study.ask())}
-        cfg = TrainConfig(method=method, epochs=10, hp=dict(METHODS.get(method).hparams))
-        apply_hparams(cfg, values)
+        resolve(method, {"epochs": 10, "teacher": __file__, "natural_teacher": __file__}, trial=values)
 
 
 def test_conditional_and_schedule_parameters():
@@ -33,8 +31,7 @@ def test_conditional_and_schedule_parameters():
     for _ in range(30):
         t = study.ask()
         values = space.sample(t)
-        cfg = TrainConfig(method="trades", epochs=20, hp=dict(METHODS.get("trades").hparams))
-        apply_hparams(cfg, values)
+        cfg = resolve("trades", {"epochs": 20}, trial=values)
         beta = cfg.hp["beta"]
         kinds.add(type(beta).__name__)
         if isinstance(beta, Schedule):
