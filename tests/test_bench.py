@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydistill import bench, fastpath
+from benchmarks.reference.peeraid_authors import authors_peeraid_step
+from raydistill import fastpath
+from raydistill.bench import checks, cli as bench_cli, configs, overhead, races, throughput
+from raydistill.bench.measure import run_steps
 from raydistill.errors import UsageError
 
 from conftest import assert_one_error_line, cli
@@ -54,16 +57,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> bench.Bench:
+def tiny(tmp_path_factory) -> configs.Bench:
     argv = TINY + ["--methods", ",".join(PASSES), "--set", f"svgd_steps={M}"]
-    return bench.Bench(bench.parse(argv), str(tmp_path_factory.mktemp("bench")))
+    return configs.Bench(bench_cli.parse(argv), str(tmp_path_factory.mktemp("bench")))
 
 
-def passes_of(b: bench.Bench, method: str, **features):
-    trainer = b.trainer(b.config(method, **features))
-    step, data = bench.production_step(trainer), bench.batches(trainer)
-    bench.run_steps(step, data, 1, trainer.device)  # folded copies are made in the first step
-    return trainer, bench.count_passes(trainer, step, data)
+def passes_of(b: configs.Bench, method: str, **features):
+    runner = b.runner(b.config(method, **features))
+    data = runner.batches()
+    run_steps(runner.step, data, 1, runner.device)  # folded copies are made in the first step
+    return runner, throughput.count_passes(runner, runner.step, data)
 
 
 @pytest.mark.parametrize("method", PASSES)
@@ -74,34 +77,34 @@ def test_passes_per_step_are_the_minimum_the_equations_need(tiny, method):
 
 @pytest.mark.parametrize("method", ["trades", "peeraid", "adaad", "ard", "at_aka"])
 def test_speed_features_keep_the_passes_and_attack_the_folded_copy(tiny, method):
-    trainer, counts = passes_of(tiny, method, **bench.FAST)
+    runner, counts = passes_of(tiny, method, **races.FAST)
     assert {n: (c["forward"], c["backward"]) for n, c in counts.items()} == PASSES[method]
-    attacked = [n for n in trainer.trainable if fastpath.views_of(trainer.nets.raw(n))]
+    attacked = [n for n, s in runner.specs.items() if s.trainable and fastpath.views_of(runner.network(n))]
     assert bool(attacked) == (method in EVAL_MODE_ATTACKS)  # train()-mode attacks (ARD) stay unfolded
 
 
 def test_authors_peeraid_step_is_our_update_with_one_more_student_pass(tiny):
-    ours, authors = (tiny.trainer(tiny.config("peeraid")) for _ in range(2))
-    x, y = next(bench.batches(ours))
+    ours, authors = (tiny.runner(tiny.config("peeraid")) for _ in range(2))
+    x, y = next(ours.batches())
     x = 0.05 + 0.9 * x  # inside (0, 1): the authors' random start is not clamped, ours is
-    ctx = authors.step_context(0)
-    for trainer, step in ((ours, bench.production_step(ours)),
-                          (authors, lambda a, b: bench.authors_peeraid_step(authors, a, b, ctx))):
+    ctx = authors.context(0)
+    for runner, step in ((ours, ours.step),
+                         (authors, lambda a, b: authors_peeraid_step(authors, a, b, ctx))):
         torch.manual_seed(1)
         step(x, y)
     for n in ("student", "peer"):
-        for p, q in zip(ours.nets.raw(n).parameters(), authors.nets.raw(n).parameters()):
+        for p, q in zip(ours.network(n).parameters(), authors.network(n).parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
-    counts = bench.count_passes(authors, lambda a, b: bench.authors_peeraid_step(authors, a, b, ctx),
-                                bench.batches(authors))
+    counts = throughput.count_passes(authors, lambda a, b: authors_peeraid_step(authors, a, b, ctx),
+                                     authors.batches())
     assert counts == {"student": {"forward": K + 3, "backward": K + 3}, "peer": {"forward": 2, "backward": 1}}
 
 
 def test_race_alternates_and_reports_median_speedups(tiny):
-    variants = [bench.Variant(name, t, bench.production_step(t))
-                for name, t in (("a", tiny.trainer(tiny.config("natural"))),
-                                ("b", tiny.trainer(tiny.config("natural", precision="bf16"))))]
-    out = bench.race(variants, steps=1, rounds=3, warmup=1)
+    variants = [races.Variant(name, r, r.step)
+                for name, r in (("a", tiny.runner(tiny.config("natural"))),
+                                ("b", tiny.runner(tiny.config("natural", precision="bf16"))))]
+    out = races.race(variants, steps=1, rounds=3, warmup=1)
     assert out["a"]["speedup"] == 1.0 and len(out["b"]["images_per_s_rounds"]) == 3
     assert all(v["images_per_s"] > 0 for v in out.values())
 
@@ -126,7 +129,7 @@ def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
 
     path = save_model(tmp_path / "ckpt", build_model("small_cnn", 10, (1, 8, 8)), "small_cnn", 10, (1, 8, 8),
                       {"dataset": "digits", "eps": 0.1, "step_size": 0.025})
-    out = bench.pgd20_check(str(path), bench.parse(["--pgd20-check", str(path), "--eval-examples", "64"]))
+    out = checks.pgd20_check(str(path), bench_cli.parse(["--pgd20-check", str(path), "--eval-examples", "64"]))
     assert out["dataset"] == "digits" and out["n_examples"] == 64
     assert out["difference_points"] == pytest.approx(100 * (out["pgd20_acc_fast"] - out["pgd20_acc_fp32"]))
 
@@ -143,8 +146,16 @@ def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
 ])
 def test_bad_input_is_a_usage_error(argv, needle):
     with pytest.raises(UsageError, match=None) as exc:
-        bench.parse(argv)
+        bench_cli.parse(argv)
     assert needle in str(exc.value)
+
+
+def test_compare_authors_peeraid_without_the_reference_code_is_a_usage_error(monkeypatch, tmp_path):
+    """An installed package has no benchmarks/reference: the comparison says so before anything runs."""
+    monkeypatch.setattr(races, "REFERENCE", tmp_path / "peeraid_authors.py")
+    with pytest.raises(UsageError) as exc:
+        bench_cli.parse(["--compare-authors-peeraid"])
+    assert "reference" in str(exc.value) and "checkout" in str(exc.value)
 
 
 def test_bad_input_is_one_error_line():
@@ -166,11 +177,11 @@ def test_process_tree_ticks_counts_a_process_and_its_descendants_only():
     try:
         lines = {child.stdout.readline().strip() for _ in range(2)}  # the grandchild's "1" and its pid
         grandchild = int(max(lines, key=len))
-        ticks = bench.process_tree_ticks(child.pid)
+        ticks = overhead.process_tree_ticks(child.pid)
         assert set(ticks) == {child.pid, grandchild}
         hz = os.sysconf("SC_CLK_TCK")
         assert all(t >= 0.25 * hz for t in ticks.values()), ticks
-        assert set(bench.process_tree_ticks(grandchild)) == {grandchild}
+        assert set(overhead.process_tree_ticks(grandchild)) == {grandchild}
     finally:
         child.kill()
         if grandchild is not None:
@@ -196,11 +207,11 @@ def test_idle_ray_runs_a_waiting_trainer_beside_the_block_and_stops_it(tmp_path)
         return {n for n in ("ray::RayTrainWorker", "ray::TrainController") if any(t.startswith(n) for t in running)}
 
     before = ray_names()
-    with bench.IdleRay(str(tmp_path), settle_s=0) as idle:
+    with overhead.IdleRay(str(tmp_path), settle_s=0) as idle:
         assert os.path.exists(idle.ready) and idle.proc.is_alive()
         assert {"ray::RayTrainWorker", "ray::TrainController"} <= ray_names()
         # the CPU share sums over the instance's process tree: its workers and daemons are in it
-        tree = titles(bench.process_tree_ticks(idle.proc.pid))
+        tree = titles(overhead.process_tree_ticks(idle.proc.pid))
         for name in ("ray::RayTrainWorker", "ray::TrainController", "ray::PlacementGroupCleaner", "raylet", "gcs_server"):
             assert any(name in t for t in tree), (name, tree)
         time.sleep(2)

@@ -151,24 +151,26 @@ def test_the_strict_features_keep_the_training_step(tmp_path):
     attack's gradients, which can flip the sign of a few PGD steps' near-zero components. Measured:
     the updates differ by 0.4 % (student) and 0.05 % (peer) of their norm; a wrong feature (e.g. the
     attack on train-mode BatchNorm, or weights not refreshed) changes them by far more."""
-    from raydistill import bench
+    from raydistill.bench.cli import parse
+    from raydistill.bench.configs import Bench
+    from raydistill.bench.races import FAST
 
-    args = bench.parse(["--student", "resnet18", "--image-size", "16", "--batch-size", "8", "--steps", "1",
-                        "--attack-steps", "3", "--eval-examples", "8", "--threads", "1"])
-    b = bench.Bench(args, str(tmp_path))
-    def flat(trainer, n):
-        return torch.cat([p.detach().flatten().clone() for p in trainer.nets.raw(n).parameters()])
+    args = parse(["--student", "resnet18", "--image-size", "16", "--batch-size", "8", "--steps", "1",
+                  "--attack-steps", "3", "--eval-examples", "8", "--threads", "1"])
+    b = Bench(args, str(tmp_path))
+    def flat(runner, n):
+        return torch.cat([p.detach().flatten().clone() for p in runner.network(n).parameters()])
 
     updates, starts = [], []
-    for features in ({}, bench.FAST):
-        trainer = b.trainer(b.config("peeraid", **features))
-        before = {n: flat(trainer, n) for n in ("student", "peer")}
+    for features in ({}, FAST):
+        runner = b.runner(b.config("peeraid", **features))
+        before = {n: flat(runner, n) for n in ("student", "peer")}
         starts.append(before)
-        x, y = next(bench.batches(trainer))
+        x, y = next(runner.batches())
         torch.manual_seed(0)
-        bench.production_step(trainer)(x, y)
-        updates.append({n: flat(trainer, n) - before[n] for n in ("student", "peer")})
-    assert fastpath.views_of(trainer.nets.raw("student"))  # the attack ran on the folded copy
+        runner.step(x, y)
+        updates.append({n: flat(runner, n) - before[n] for n in ("student", "peer")})
+    assert fastpath.views_of(runner.network("student"))  # the attack ran on the folded copy
     for n in ("student", "peer"):
         assert torch.equal(starts[0][n], starts[1][n]), n  # the same initial weights
         plain, fast = updates[0][n], updates[1][n]

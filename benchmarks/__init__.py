@@ -1,0 +1,1 @@
+"""Benchmark material kept outside the raydistill package (not installed): see reference/."""
