@@ -29,7 +29,6 @@ attribute (not in its state_dict); a network that was never prepared runs as it 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -41,9 +40,6 @@ import torch.fx
 from torch import nn
 
 from . import attacks
-
-COMPILE_CHOICES = ("none", "attack", "all")
-
 
 @dataclasses.dataclass(frozen=True)
 class FastPath:
@@ -62,18 +58,6 @@ class FastPath:
     @property
     def active(self) -> bool:
         return self != FastPath()
-
-
-def add_options(group: argparse._ActionsContainer) -> None:
-    """The command-line flags of the features (train, tune and bench)."""
-    group.add_argument("--channels-last", action="store_true", default=None,
-                       help="NHWC memory format for the networks (same arithmetic)")
-    group.add_argument("--fold-bn", action="store_true", default=None,
-                       help="attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
-    group.add_argument("--input-grads-only", action="store_true", default=None,
-                       help="parameters' requires_grad off while attacking (input gradients only)")
-    group.add_argument("--compile", choices=COMPILE_CHOICES, default=None,
-                       help="torch.compile the attack's networks, or all forwards and backwards (default none)")
 
 
 # ----------------------------------------------------------------------------- BatchNorm folding

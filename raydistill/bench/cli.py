@@ -12,7 +12,7 @@ import torch
 
 from .. import fastpath
 from ..cli import ArgParser, nonneg_int, positive_int
-from ..config import DATASET_NAMES
+from ..config import add_run_options
 from ..errors import UsageError, cli_entry
 from .checks import pgd20_check
 from .configs import Bench
@@ -44,7 +44,7 @@ def parser() -> ArgParser:
                    help="a hyperparameter of the methods that have it (repeatable)")
     p.add_argument("--eval-examples", type=positive_int, default=256, help="test images for the evaluation speed")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
-    fastpath.add_options(p.add_argument_group("speed features (see raydistill.fastpath)"))
+    add_run_options(p, only={f.name for f in dataclasses.fields(fastpath.FastPath)})  # the option table's speed flags
     g = p.add_argument_group("modes")
     g.add_argument("--compare-authors-peeraid", action="store_true",
                    help="race the authors'-code PeerAiD step against ours (strict fp32 and fast path)")
@@ -66,6 +66,7 @@ def parser() -> ArgParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     from ..config import parse_set
+    from ..data import DATASETS
     from ..methods import get_method
     from ..models import MODELS
 
@@ -77,8 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for arch in (args.student, args.peer):
         if arch is not None:
             MODELS.get(arch)
-    if args.dataset not in DATASET_NAMES:
-        raise UsageError(f"unknown dataset '{args.dataset}'; choose from: {', '.join(DATASET_NAMES)}")
+    DATASETS.get(args.dataset)
     args.hp = parse_set(args.set)
     for name in args.hp:
         if not any(name in c.hparams for c in classes):

@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 from .. import fastpath
-from ..config import TrainConfig, build_config
+from ..config import TrainConfig, resolve
 from ..steprunner import StepRunner
 
 
@@ -48,20 +48,17 @@ class Bench:
         hp = {"warmup": "0"} if "warmup" in cls.hparams else {}
         hp.update({k: v for k, v in a.hp.items() if k in cls.hparams})
         offline = issubclass(cls, OfflineMethod)
-        ns = argparse.Namespace(
-            preset=None, dataset=a.dataset, data_dir=a.data_dir, student=a.student, peer=a.peer,
-            batch_size=a.batch_size, precision=a.precision, attack_steps=a.attack_steps, seed=a.seed, workers=0,
-            set=[f"{k}={v}" for k, v in hp.items()],
-            teacher=self.teacher("teacher") if offline else None,
-            natural_teacher=self.teacher("teacher_nat") if offline and cls.uses_natural_teacher else None)
-        cfg = build_config(method, ns)
-        cfg.dataset_options, cfg.val_size, cfg.threads = dict(self.options), 0, a.threads
-        cfg.storage_path, cfg.name = str(self.workdir / "runs"), f"bench-{method}"
-        for f in dataclasses.fields(fastpath.FastPath):
-            setattr(cfg, f.name, getattr(a, f.name))
-        for k, v in changes.items():
-            setattr(cfg, k, v)
-        return cfg
+        flags = dict(dataset=a.dataset, data_dir=a.data_dir, student=a.student, peer=a.peer, val_size=0,
+                     batch_size=a.batch_size, precision=a.precision, attack_steps=a.attack_steps, seed=a.seed,
+                     teacher=self.teacher("teacher") if offline else None,
+                     natural_teacher=self.teacher("teacher_nat") if offline and cls.uses_natural_teacher else None,
+                     workers=0, storage_path=str(self.workdir / "runs"), name=f"bench-{method}",
+                     **{f.name: getattr(a, f.name) for f in dataclasses.fields(fastpath.FastPath)})
+        flags.update({k: v for k, v in changes.items() if k not in ("in_process", "threads")})
+        cfg = resolve(method, {k: v for k, v in flags.items() if v is not None}, hp)
+        place = {k: changes[k] for k in ("in_process", "threads") if k in changes}
+        return dataclasses.replace(cfg, dataset_options=dict(self.options),
+                                   placement=dataclasses.replace(cfg.placement, **{"threads": a.threads, **place}))
 
     def runner(self, cfg: TrainConfig) -> StepRunner:
         """An in-process run of ``cfg``, set up, in a folder of its own."""
