@@ -77,8 +77,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
         try:
-            tracking.client(cfg.tracking_uri).set_tag(cfg.mlflow_run_id, "failure_reason", reason[:5000])
-            tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, status)
+            tracking.close_run(cfg.tracking_uri, cfg.mlflow_run_id, status, reason)
         except Exception:
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
@@ -87,7 +86,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     if checkpoint:
         tracking.log_checkpoint(cfg.tracking_uri, cfg.mlflow_run_id, checkpoint)
     tracking.log_curves(cfg.tracking_uri, cfg.mlflow_run_id)
-    tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id, "FINISHED")
+    tracking.close_run(cfg.tracking_uri, cfg.mlflow_run_id, "FINISHED")
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
