@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -77,43 +76,26 @@ def _mlflow_target(args) -> tuple[str, str | None] | None:
 
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.check_reachable(uri)
-    if args.run_id:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            tracking.client(uri).get_run(args.run_id)
-        except MlflowException:
-            raise UsageError(f"--run-id {args.run_id}: no such MLflow run at {uri}") from None
+    if args.run_id and not tracking.run_exists(uri, args.run_id):
+        raise UsageError(f"--run-id {args.run_id}: no such MLflow run at {uri}")
     return uri, args.run_id
 
 
 def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict) -> str:
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
-
     from . import tracking
 
     uri, run_id = target
-    c = tracking.client(uri)
     new_run = run_id is None
     if new_run:
-        run_id = c.create_run(tracking.experiment_id(c, experiment),
-                              run_name=f"evaluate {Path(summary['checkpoint']).name}",
-                              tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}).info.run_id
-    now = int(time.time() * 1000)
+        run_id = tracking.open_run(uri, experiment, f"evaluate {Path(summary['checkpoint']).name}", tracking.KIND_EVAL,
+                                   tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}, reuse=False)
     params = {"test/eps": summary["eps"], "test/step_size": summary["step_size"], "test/n_examples": summary["n_examples"],
               "test/attacks": ",".join(summary["attacks"]), "test/checkpoint": summary["checkpoint"][:500]}
-    existing = c.get_run(run_id).data.params
-    clash = [k for k, v in params.items() if k in existing and existing[k] != str(v)]
-    try:
-        c.log_batch(run_id, metrics=[Metric(f"test/{k}", float(v), now, 0) for k, v in summary["metrics"].items()],
-                    params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
-    except MlflowException as exc:
-        raise UsageError(f"MLflow refused the results for run {run_id}: {str(exc).splitlines()[0]}") from None
+    clash = tracking.log_batch(uri, run_id, metrics={f"test/{k}": v for k, v in summary["metrics"].items()}, params=params)
     if clash:
         print(f"note: run {run_id} already had {', '.join(clash)} from an earlier evaluation; kept those params")
     if new_run:
-        c.set_terminated(run_id)
+        tracking.close_run(uri, run_id, "FINISHED")
     return run_id
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import tracking
 from .cli import ArgParser
 from .errors import UsageError, cli_entry
 
@@ -35,7 +36,6 @@ METRICS = [("clean", "test/clean_acc", "Clean"), ("fgsm", "test/fgsm_acc", "FGSM
            ("pgd20", "test/pgd20_acc", "PGD-20"), ("cw", "test/cw_acc", "CW-inf"), ("aa", "test/aa_acc", "AA")]
 GROUP = ["method", "arch", "dataset"]
 DIAGNOSTIC = re.compile(r"^val/\w+_acc_on_\w+$")  # val/peer_acc_on_student_adv, val/teacher_acc_on_student_adv, ...
-SKIP_KINDS = ("search", "report")
 
 
 def parser() -> ArgParser:
@@ -53,67 +53,20 @@ def parser() -> ArgParser:
 
 
 # ============================================================================= reading MLflow
-def open_store(uri: str | None):
-    """An MlflowClient on ``uri``; bad or unreachable URIs are UsageErrors (and nothing is created)."""
-    from . import tracking
-
-    uri = tracking.resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not os.path.isfile(path):
-            raise UsageError(f"--tracking-uri {uri}: no MLflow database at {path}")
-    elif uri.startswith("file:") or "://" not in uri:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not os.path.isdir(path):
-            raise UsageError(f"--tracking-uri {uri}: no MLflow store folder at {path}")
-    tracking.check_reachable(uri)
-    try:
-        c = tracking.client(uri)
-        c.search_experiments(max_results=1)
-    except Exception as exc:  # any failure of this first query means the store is unusable
-        raise UsageError(f"--tracking-uri {uri} is not a usable MLflow store ({_first_line(exc)})") from None
-    return c, uri
-
-
-def find_experiment(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in c.search_experiments())
-        raise UsageError(f"--experiment {name!r} not found; the store has: {', '.join(names) or 'no experiments'}")
-    return exp.experiment_id
-
-
-def find_parent(c, exp_id: str, run_id: str | None, search: str | None) -> str | None:
+def find_parent(uri: str, experiment: str, run_id: str | None, search: str | None) -> str | None:
     """The parent run id named by --parent-run-id or --search (None when neither was given)."""
-    from mlflow.exceptions import MlflowException
-
     if run_id:
-        try:
-            c.get_run(run_id)
-        except MlflowException:
-            raise UsageError(f"--parent-run-id {run_id}: no such MLflow run") from None
+        if not tracking.run_exists(uri, run_id):
+            raise UsageError(f"--parent-run-id {run_id}: no such MLflow run")
         return run_id
     if search:
-        found = c.search_runs([exp_id], f"tags.`raydistill.kind` = 'search' and tags.`raydistill.name` = '{_quote(search)}'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
+        found = tracking.find_runs(uri, experiment, kind=tracking.KIND_SEARCH, name=search)
         if not found:
-            known = sorted({r.data.tags.get("raydistill.name", "?") for r in
-                            c.search_runs([exp_id], "tags.`raydistill.kind` = 'search'", max_results=50)})
+            known = sorted({r.data.tags.get(tracking.NAME_TAG, "?")
+                            for r in tracking.find_runs(uri, experiment, kind=tracking.KIND_SEARCH)[:50]})
             raise UsageError(f"--search {search!r}: no search with that name; known searches: {', '.join(known) or 'none'}")
         return found[0].info.run_id
     return None
-
-
-def fetch_runs(c, exp_id: str, parent: str | None) -> list:
-    """Every training run of the experiment (or of one parent), search parents and reports excluded."""
-    filt = f"tags.`mlflow.parentRunId` = '{parent}'" if parent else ""
-    runs, token = [], None
-    while True:
-        page = c.search_runs([exp_id], filt, max_results=1000, page_token=token)
-        runs += [r for r in page if r.data.tags.get("method") and r.data.tags.get("raydistill.kind") not in SKIP_KINDS]
-        token = page.token
-        if not token:
-            return runs
 
 
 def run_row(r) -> dict[str, Any]:
@@ -130,12 +83,12 @@ def run_row(r) -> dict[str, Any]:
     return row
 
 
-def diagnostics_rows(c, runs: list) -> list[dict[str, Any]]:
+def diagnostics_rows(uri: str, runs: list) -> list[dict[str, Any]]:
     """Per-epoch values of every guidance diagnostic, one record per (run, metric, epoch)."""
     out = []
     for r in runs:
         for key in sorted(k for k in r.data.metrics if DIAGNOSTIC.match(k)):
-            for m in c.get_metric_history(r.info.run_id, key):
+            for m in tracking.metric_history(uri, r.info.run_id, key):
                 out.append({**{k: r.data.tags.get(k, "?") for k in GROUP}, "run_id": r.info.run_id,
                             "metric": key, "epoch": m.step + 1, "value": m.value})
     return out
@@ -329,16 +282,13 @@ def write_outputs(out: Path, runs_df, table, diag_raw, source: str) -> list[Path
     return written
 
 
-def log_outputs(c, exp_id: str, parent: str | None, files: list[Path]) -> str:
+def log_outputs(uri: str, experiment: str, parent: str | None, files: list[Path]) -> str:
     """Log the outputs under ``report/`` of the parent run, else of a new run tagged raydistill.kind=report."""
-    run_id = parent
-    if run_id is None:
-        name = f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = c.create_run(exp_id, run_name=name, tags={"raydistill.kind": "report", "mlflow.runName": name}).info.run_id
-    for f in files:
-        c.log_artifact(run_id, str(f), artifact_path="report")
+    run_id = parent or tracking.open_run(uri, experiment, f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+                                         tracking.KIND_REPORT, reuse=False)
+    tracking.log_artifacts(uri, run_id, files, "report")
     if parent is None:
-        c.set_terminated(run_id, "FINISHED")
+        tracking.close_run(uri, run_id, "FINISHED")
     return run_id
 
 
@@ -354,10 +304,10 @@ def check_out_dir(path: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = check_out_dir(args.out)
-    c, uri = open_store(args.tracking_uri)
-    exp_id = find_experiment(c, args.experiment)
-    parent = find_parent(c, exp_id, args.parent_run_id, args.search)
-    runs = fetch_runs(c, exp_id, parent)
+    uri = tracking.open_store(args.tracking_uri)
+    tracking.existing_experiment(uri, args.experiment)
+    parent = find_parent(uri, args.experiment, args.parent_run_id, args.search)
+    runs = tracking.find_runs(uri, args.experiment, kind=tracking.KIND_RUN, parent=parent)  # no searches, no reports
     where = f"experiment '{args.experiment}'" + (f", search {args.search!r}" if args.search else
                                                   f", children of run {parent}" if parent else "")
     if not runs:
@@ -366,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_df = pd.DataFrame([run_row(r) for r in runs])
     table = summarise(runs_df)
-    files = write_outputs(out, runs_df, table, pd.DataFrame(diagnostics_rows(c, runs)), f"MLflow {uri}, {where}")
+    files = write_outputs(out, runs_df, table, pd.DataFrame(diagnostics_rows(uri, runs)), f"MLflow {uri}, {where}")
     print((out / "report.md").read_text())
     print(f"[raydistill] report written to {out} ({', '.join(f.name for f in files)})")
     if args.log_to_mlflow:
-        run_id = log_outputs(c, exp_id, parent, files)
+        run_id = log_outputs(uri, args.experiment, parent, files)
         print(f"[raydistill] logged as artifacts report/ of MLflow run {run_id}")
     return 0
 
@@ -381,14 +331,6 @@ def _number(text: str | None, default: float) -> float:
     except (TypeError, ValueError):
         return default
     return value if math.isfinite(value) else default
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "\\'")
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
 
 
 run = cli_entry(main)

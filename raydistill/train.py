@@ -83,8 +83,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
         try:
-            tracking.client(p.tracking_uri).set_tag(p.mlflow_run_id, "failure_reason", reason[:5000])
-            tracking.end_run(p.tracking_uri, p.mlflow_run_id, status)
+            tracking.close_run(p.tracking_uri, p.mlflow_run_id, status, reason)
         except Exception:
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
@@ -93,7 +92,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     if checkpoint:
         tracking.log_checkpoint(p.tracking_uri, p.mlflow_run_id, checkpoint)
     tracking.log_curves(p.tracking_uri, p.mlflow_run_id)
-    tracking.end_run(p.tracking_uri, p.mlflow_run_id, "FINISHED")
+    tracking.close_run(p.tracking_uri, p.mlflow_run_id, "FINISHED")
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 

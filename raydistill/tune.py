@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         grid = tuner.fit()
     except KeyboardInterrupt:
-        tracking.end_run(cfg.placement.tracking_uri, parent, "KILLED")
+        tracking.close_run(cfg.placement.tracking_uri, parent, "KILLED")
         raise
     trials = collect(grid, cfg, parent)
     if top_k:
@@ -181,32 +181,18 @@ def main(argv: list[str] | None = None) -> int:
 def start_parent(cfg: TrainConfig, name: str, space, num_samples: int, args) -> str:
     from . import tracking
 
-    c = tracking.client(cfg.placement.tracking_uri)
-    exp = tracking.experiment_id(c, cfg.placement.experiment)
-    found = c.search_runs([exp], filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}' and tags.`raydistill.kind` = 'search'",
-                          max_results=1)
-    if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    tags = {tracking.NAME_TAG: name, "raydistill.kind": "search", "method": cfg.method, "dataset": cfg.dataset,
-            "arch": cfg.student, "seed": str(cfg.seed), "mlflow.runName": name}
-    run = c.create_run(exp, tags=tags, run_name=name)
-    for k, v in {"search_space": str(space.path), "num_samples": num_samples, "search": args.search,
-                 "scheduler": args.scheduler, "objectives": args.objectives, "epochs": cfg.epochs,
-                 "method": cfg.method, "dataset": cfg.dataset, "student": cfg.student}.items():
-        c.log_param(run.info.run_id, k, str(v))
-    c.log_artifact(run.info.run_id, str(space.path), artifact_path="search_space")
-    return run.info.run_id
+    return tracking.start_search(cfg, name, {
+        "search_space": str(space.path), "num_samples": num_samples, "search": args.search, "scheduler": args.scheduler,
+        "objectives": args.objectives, "epochs": cfg.epochs, "method": cfg.method, "dataset": cfg.dataset,
+        "student": cfg.student}, str(space.path))
 
 
 def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
     """One row per trial, with its MLflow child run; runs of early-stopped trials are closed."""
     from . import tracking
 
-    c = tracking.client(cfg.placement.tracking_uri)
-    exp = tracking.experiment_id(c, cfg.placement.experiment)
     children = {r.data.tags.get(tracking.NAME_TAG): r for r in
-                c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
+                tracking.find_runs(cfg.placement.tracking_uri, cfg.placement.experiment, parent=parent)}
     rows = []
     for res in grid:
         m = res.metrics or {}
@@ -215,18 +201,9 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
         status = "ERROR" if res.error else ("COMPLETED" if "test/clean_acc" in m else "STOPPED")
         # A trial that Tune stops (ASHA) or that is cut off while closing can leave its run RUNNING, or
         # FAILED when the stop reached the trial's own error handler first: the run is set from what Tune saw.
-        if run is not None and run.info.status != "FINISHED":
-            if status == "COMPLETED":  # trained and tested; only its closing step was cut off
-                tracking.log_checkpoint(cfg.placement.tracking_uri, run.info.run_id, m.get("checkpoint_path") or "")
-                _drop_tag(c, run, "failure_reason")
-                c.set_terminated(run.info.run_id, status="FINISHED")
-            elif status == "STOPPED":
-                _drop_tag(c, run, "failure_reason")
-                c.set_tag(run.info.run_id, "stopped_early", "asha")
-                c.set_terminated(run.info.run_id, status="KILLED")
-            elif run.info.status == "RUNNING":
-                c.set_tag(run.info.run_id, "failure_reason", _one_line(res.error)[:5000])
-                c.set_terminated(run.info.run_id, status="FAILED")
+        if run is not None:
+            tracking.repair_trial(cfg.placement.tracking_uri, run, status, m.get("checkpoint_path"),
+                                  _one_line(res.error) if res.error else None)
         params = {k: v for k, v in (res.config or {}).items()}
         rows.append({
             "trial_id": str(trial_id), "status": status, "params": params,
@@ -238,11 +215,6 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
                         if isinstance(v, (int, float)) and (k.startswith("test/") or k in ("val/pgd10_acc", "val/clean_acc", "val/best_pgd10_acc"))},
         })
     return rows
-
-
-def _drop_tag(c, run, key: str) -> None:
-    if key in run.data.tags:
-        c.delete_tag(run.info.run_id, key)
 
 
 def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None:
@@ -258,7 +230,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None
         acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
         t["metrics"]["test_aa_acc"] = acc
         if t["mlflow_run_id"]:
-            tracking.client(cfg.placement.tracking_uri).log_metric(t["mlflow_run_id"], "test/aa_acc", acc)
+            tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={"test/aa_acc": acc})
         print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({n} test images): {acc:.4f}", flush=True)
 
 
@@ -302,14 +274,11 @@ def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str,
 def finish_parent(cfg, parent: str, s: dict) -> None:
     from . import tracking
 
-    c = tracking.client(cfg.placement.tracking_uri)
-    c.log_metric(parent, "trial_epochs", s["trial_epochs"])
-    c.log_metric(parent, "num_trials", s["num_trials"])
-    if s["best"]:
-        c.set_tag(parent, "best_trial", s["best"]["trial_id"])
-        for k, v in s["best"]["metrics"].items():
-            c.log_metric(parent, f"best/{k}", v)
-    tracking.end_run(cfg.placement.tracking_uri, parent, "FINISHED")
+    best = s["best"] or {"metrics": {}}
+    tracking.log_batch(cfg.placement.tracking_uri, parent, metrics={
+        "trial_epochs": s["trial_epochs"], "num_trials": s["num_trials"],
+        **{f"best/{k}": v for k, v in best["metrics"].items()}})
+    tracking.close_run(cfg.placement.tracking_uri, parent, "FINISHED", tags={"best_trial": best["trial_id"]} if s["best"] else None)
 
 
 def print_table(s: dict) -> None:

@@ -1,12 +1,5 @@
-"""MLflow: runs are created and closed by the driver, metrics are logged by rank 0 only.
-
-* The driver resolves the tracking URI (``--tracking-uri``, else MLflow's own default:
-  MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one, creates the experiment once
-  (concurrent sqlite writers can lock) and the run, and passes the run id to the workers.
-* A relaunch with the same ``--name`` continues the run with that name instead of starting a
-  second one (a resumed run, or a finished one given more epochs).
-* Rank 0 logs per-epoch metrics with the epoch as the step, exactly once per epoch (``backfill``).
-"""
+"""What training runs and searches log: their start (tags, params), checkpoints, curves, per-epoch
+metrics (rank 0, ``EpochLogger``) and the repair of the runs of trials that Tune cut off."""
 from __future__ import annotations
 
 import os
@@ -14,55 +7,7 @@ import tempfile
 import time
 from typing import Any
 
-from .errors import UsageError
-
-NAME_TAG = "raydistill.name"
-
-
-def resolve_uri(uri: str | None) -> str:
-    import mlflow
-
-    uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    elif "://" not in uri:
-        uri = os.path.abspath(uri)
-    return uri
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast (one error line) when a remote tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UsageError(f"--tracking-uri {uri} is unreachable ({reason}); start the MLflow server or give another URI") from None
-
-
-def experiment_id(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # created concurrently by another driver
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+from .runs import KIND_RUN, KIND_SEARCH, client, close_run, open_run
 
 
 def flat_params(cfg) -> dict[str, str]:
@@ -76,35 +21,47 @@ def flat_params(cfg) -> dict[str, str]:
 
 
 def run_tags(cfg) -> dict[str, str]:
-    return {NAME_TAG: cfg.placement.name, "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student,
-            "seed": str(cfg.seed), "mlflow.runName": cfg.placement.name}
+    """What the report groups runs by (method, arch, dataset) and tells them apart by (seed)."""
+    return {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student, "seed": str(cfg.seed)}
 
 
 def start_run(cfg, parent_run_id: str | None = None) -> str:
-    """Create (or reuse, for a resumed --name) the run for ``cfg``; returns its id."""
-    c = client(cfg.placement.tracking_uri)
-    exp = experiment_id(c, cfg.placement.experiment)
-    found = c.search_runs([exp], filter_string=f"tags.`{NAME_TAG}` = '{cfg.placement.name}'", max_results=5,
-                          order_by=["attributes.start_time DESC"])
-    if found:  # a relaunch of the same --name continues its run (resume, or more epochs)
-        run_id = found[0].info.run_id
-        c.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = run_tags(cfg)
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp, tags=tags, run_name=cfg.placement.name)
-    from mlflow.entities import Param
+    """Create (or reuse, for a relaunched --name) the training run for ``cfg``; returns its id."""
+    p = cfg.placement
+    return open_run(p.tracking_uri, p.experiment, p.name, KIND_RUN, tags=run_tags(cfg), params=flat_params(cfg),
+                    parent=parent_run_id)
 
-    params = [Param(k, v) for k, v in flat_params(cfg).items()]
-    for i in range(0, len(params), 100):
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
-    return run.info.run_id
+
+def start_search(cfg, name: str, params: dict[str, Any], space_file: str) -> str:
+    """Create (or reuse, for --resume) the parent run of search ``name``, with its space file as an artifact."""
+    return open_run(cfg.placement.tracking_uri, cfg.placement.experiment, name, KIND_SEARCH, tags=run_tags(cfg), params=params,
+                    artifacts={space_file: "search_space"})
+
+
+def repair_trial(uri: str, run, outcome: str, checkpoint_dir: str | None = None, error: str | None = None) -> None:
+    """Close the run of a trial from what Tune saw (``outcome``: COMPLETED, STOPPED or ERROR).
+
+    A trial that Tune stops (ASHA) or that is cut off while closing can leave its run RUNNING, or
+    FAILED when the stop reached the trial's own error handler first. A COMPLETED trial trained and
+    tested, only its closing step was cut off: its checkpoints are logged and the run FINISHED; a
+    STOPPED one is KILLED with tag stopped_early=asha; an ERROR one still RUNNING is FAILED with ``error``.
+    """
+    run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        return
+    if outcome == "COMPLETED":
+        if checkpoint_dir:
+            log_checkpoint(uri, run_id, checkpoint_dir)
+        close_run(uri, run_id, "FINISHED")
+    elif outcome == "STOPPED":
+        close_run(uri, run_id, "KILLED", tags={"stopped_early": "asha"})
+    elif run.info.status == "RUNNING":
+        close_run(uri, run_id, "FAILED", reason=error or "")
 
 
 def log_checkpoint(uri: str, run_id: str, checkpoint_dir: str) -> None:
     """The best and last student of a checkpoint folder, as artifacts (driver side)."""
-    from .checkpoint import MODEL_FILE
+    from ..checkpoint import MODEL_FILE
 
     c = client(uri)
     for fname, sub in ((MODEL_FILE, "checkpoints/best"), ("last_model.pt", "checkpoints/last")):
@@ -155,14 +112,6 @@ def log_resolved(uri: str, run_id: str, values: dict[str, Any]) -> None:
             c.log_param(run_id, k, str(v))
         elif params[k] != str(v):
             c.set_tag(run_id, f"resolved.{k}", str(v))
-
-
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(uri).set_terminated(run_id, status=status)
-
-
-def delete_run(uri: str, run_id: str) -> None:
-    client(uri).delete_run(run_id)
 
 
 class EpochLogger:

@@ -1,0 +1,27 @@
+"""MLflow, owned by this package: no other raydistill module imports MLflow's client.
+
+* The driver resolves the tracking URI (``--tracking-uri``, else MLflow's own default:
+  MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one, creates the experiment once
+  (concurrent sqlite writers can lock) and the run, and passes the run id to the workers.
+* Runs are found by their tags, named here once: ``raydistill.name`` (NAME_TAG), ``raydistill.kind``
+  (KIND_TAG: run, search, report, eval) and MLflow's ``mlflow.parentRunId`` (PARENT_TAG). A relaunch
+  with the same ``--name`` continues the run of that name and kind instead of starting a second one
+  (a resumed run, or a finished one given more epochs).
+* A run is closed with its terminal status and, when it failed, the reason (tag ``failure_reason``);
+  a close without a reason drops the reason an earlier failed attempt left.
+* Rank 0 logs per-epoch metrics with the epoch as the step, exactly once per epoch (``EpochLogger``).
+
+``runs`` holds the store, run and search functions; ``training`` what training runs and searches log.
+"""
+from __future__ import annotations
+
+from .runs import (FAILURE_TAG, KIND_EVAL, KIND_REPORT, KIND_RUN, KIND_SEARCH, KIND_TAG, NAME_TAG, PARENT_TAG,
+                   RUN_NAME_TAG, check_reachable, client, close_run, existing_experiment, experiment_id, find_runs,
+                   log_artifacts, log_batch, metric_history, open_run, open_store, resolve_uri, run_exists)
+from .training import EpochLogger, log_checkpoint, log_curves, log_resolved, repair_trial, start_run, start_search
+
+__all__ = ["FAILURE_TAG", "KIND_EVAL", "KIND_REPORT", "KIND_RUN", "KIND_SEARCH", "KIND_TAG", "NAME_TAG", "PARENT_TAG",
+           "RUN_NAME_TAG", "EpochLogger", "check_reachable", "client", "close_run", "existing_experiment",
+           "experiment_id", "find_runs", "log_artifacts", "log_batch", "log_checkpoint", "log_curves",
+           "log_resolved", "metric_history", "open_run", "open_store", "repair_trial", "resolve_uri", "run_exists",
+           "start_run", "start_search"]

@@ -1,0 +1,222 @@
+"""The MLflow store and its runs: open a store, start a run (find-or-create by name and kind), close
+it with a status and reason, find runs by kind, parent and name, log to them."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import UsageError
+
+NAME_TAG = "raydistill.name"  # the --name of a training run or search, or a report's / evaluation's name
+KIND_TAG = "raydistill.kind"  # what a run is: one of the KIND_* values
+PARENT_TAG = "mlflow.parentRunId"  # a trial's search run (MLflow's own nesting tag)
+RUN_NAME_TAG = "mlflow.runName"
+FAILURE_TAG = "failure_reason"  # why a FAILED or KILLED run ended
+KIND_RUN = "run"  # a training run (raydistill.train, or a tune trial)
+KIND_SEARCH = "search"  # a tune search: parent of its trials' runs
+KIND_REPORT = "report"  # a report's outputs (raydistill.report --log-to-mlflow without a search)
+KIND_EVAL = "eval"  # a raydistill.evaluate run
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+# ============================================================================= store
+def resolve_uri(uri: str | None) -> str:
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri:
+        uri = os.path.abspath(uri)
+    return uri
+
+
+def client(uri: str):
+    """MLflow's client on ``uri``: for this package only (every other module goes through its functions)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (one error line) when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"--tracking-uri {uri} is unreachable ({reason}); start the MLflow server or give another URI") from None
+
+
+def open_store(uri: str | None) -> str:
+    """The resolved ``uri`` of an existing, usable store; else a UsageError (and nothing is created)."""
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not os.path.isfile(path):
+            raise UsageError(f"--tracking-uri {uri}: no MLflow database at {path}")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not os.path.isdir(path):
+            raise UsageError(f"--tracking-uri {uri}: no MLflow store folder at {path}")
+    check_reachable(uri)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # any failure of this first query means the store is unusable
+        raise UsageError(f"--tracking-uri {uri} is not a usable MLflow store ({_first_line(exc)})") from None
+    return uri
+
+
+def experiment_id(c, name: str) -> str:
+    """The id of experiment ``name`` on client ``c``, created (or restored) when needed."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def existing_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``, which must exist (a UsageError lists the store's experiments)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in c.search_experiments())
+        raise UsageError(f"--experiment {name!r} not found; the store has: {', '.join(names) or 'no experiments'}")
+    return exp.experiment_id
+
+
+# ============================================================================= runs
+def find_runs(uri: str, experiment: str, *, kind: str | None = None, parent: str | None = None,
+              name: str | None = None) -> list:
+    """MLflow's runs of ``experiment`` (a name) with the given kind, parent run id and name, newest first.
+
+    ``kind=KIND_RUN`` also matches training runs logged before runs had a kind (a ``method`` tag, no kind).
+    """
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return []
+    wanted = {KIND_TAG: kind if kind != KIND_RUN else None, PARENT_TAG: parent, NAME_TAG: name}
+    filt = " and ".join(f"tags.`{tag}` = '{_quote(v)}'" for tag, v in wanted.items() if v is not None)
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], filt, max_results=1000, order_by=["attributes.start_time DESC"],
+                             page_token=token)
+        runs += [r for r in page if kind != KIND_RUN or _is_training_run(r.data.tags)]
+        token = page.token
+        if not token:
+            return runs
+
+
+def run_exists(uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def open_run(uri: str, experiment: str, name: str, kind: str, *, tags: dict[str, str] | None = None,
+             params: dict[str, Any] | None = None, parent: str | None = None,
+             artifacts: dict[str, str] | None = None, reuse: bool = True) -> str:
+    """The id of the newest run of this name and kind, set RUNNING again (``reuse``), else of a new run.
+
+    A new run is tagged with its name, kind and ``parent``, plus ``tags``, and starts with ``params``
+    and ``artifacts`` (local file -> artifact folder). The experiment is created when it is missing.
+    """
+    c = client(uri)
+    found = find_runs(uri, experiment, kind=kind, name=name) if reuse else []
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {**(tags or {}), NAME_TAG: name, KIND_TAG: kind, RUN_NAME_TAG: name}
+    if parent:
+        tags[PARENT_TAG] = parent
+    run_id = c.create_run(experiment_id(c, experiment), tags=tags, run_name=name).info.run_id
+    if params:
+        log_batch(uri, run_id, params=params)
+    for path, folder in (artifacts or {}).items():
+        c.log_artifact(run_id, path, artifact_path=folder)
+    return run_id
+
+
+def close_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | None = None,
+              tags: dict[str, str] | None = None) -> None:
+    """End a run with ``status`` (FINISHED, FAILED or KILLED), after setting ``tags``.
+
+    ``reason`` becomes its failure_reason tag; a close without a reason drops the one that an earlier
+    attempt of the run (a failed launch of the same --name) left.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    c = client(uri)
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, str(v))
+    if reason is not None:
+        c.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    elif FAILURE_TAG in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, FAILURE_TAG)
+    c.set_terminated(run_id, status=status)
+
+
+def log_batch(uri: str, run_id: str, *, metrics: dict[str, float] | None = None,
+              params: dict[str, Any] | None = None, step: int = 0) -> list[str]:
+    """Log ``metrics`` at ``step`` and the ``params`` the run lacks; returns the names of those params it
+    already had with another value (MLflow never changes a param). A refused request is a UsageError."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    params = {k: str(v) for k, v in (params or {}).items()}
+    existing = c.get_run(run_id).data.params if params else {}
+    clash = [k for k, v in params.items() if k in existing and existing[k] != v]
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+    ps = [Param(k, v) for k, v in params.items() if k not in existing]
+    batches = [ps[i:i + 100] for i in range(0, len(ps), 100)] or ([[]] if ms else [])  # <= 100 params a request
+    try:
+        for i, batch in enumerate(batches):
+            c.log_batch(run_id, metrics=ms if i == 0 else [], params=batch)
+    except MlflowException as exc:
+        raise UsageError(f"MLflow refused the results for run {run_id}: {_first_line(exc)}") from None
+    return clash
+
+
+def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], folder: str) -> None:
+    c = client(uri)
+    for path in paths:
+        c.log_artifact(run_id, str(path), artifact_path=folder)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list:
+    """Every logged value of ``key`` (objects with ``step``, ``value`` and ``timestamp``)."""
+    return client(uri).get_metric_history(run_id, key)
+
+
+def _is_training_run(tags: dict[str, str]) -> bool:
+    return tags.get(KIND_TAG, KIND_RUN) == KIND_RUN and bool(tags.get("method"))
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
