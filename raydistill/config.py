@@ -86,8 +86,6 @@ class TrainConfig:
     test_attacks: list = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
     preset: str | None = None
     log_every: int = 0
-    fault: str | None = None  # testing only: "kill:EPOCH:RANK:MARKER,..." kills that worker once (Trainer.maybe_fault)
-    debug_dump: str | None = None  # testing only: each rank writes weight digests here at the end
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -198,9 +196,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     from . import fastpath
 
     fastpath.add_options(p.add_argument_group("speed (the same mathematics; see raydistill.fastpath)"))
-    # testing aids, not shown in --help
-    p.add_argument("--fault", help=argparse.SUPPRESS)
-    p.add_argument("--debug-dump", help=argparse.SUPPRESS)
 
 
 def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = None) -> TrainConfig:
@@ -229,7 +224,7 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
         "natural_teacher", "natural_teacher_arch", "epochs", "batch_size", "lr", "weight_decay", "swa_start",
         "seed", "eps", "step_size", "attack_steps", "precision", "channels_last", "fold_bn",
         "input_grads_only", "compile", "workers", "gpus_per_worker", "cpus_per_worker", "preset",
-        "tracking_uri", "experiment", "storage_path", "max_failures", "name", "fault", "debug_dump")}
+        "tracking_uri", "experiment", "storage_path", "max_failures", "name")}
     settings.update({k: v for k, v in flags.items() if v is not None and v is not False})
     if getattr(args, "lr_milestones", None):
         settings["lr_milestones"] = _int_list(args.lr_milestones, "--lr-milestones")

@@ -54,8 +54,9 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-           quiet: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md)."""
+           quiet: bool = False, hooks: tuple | list = ()) -> dict[str, Any]:
+    """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md). ``hooks``
+    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers)."""
     from . import tracking
 
     cfg.name = cfg.name or default_name(cfg)
@@ -69,10 +70,10 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         if cfg.in_process:
             from .engine import run_in_process
 
-            session = run_in_process(cfg)
+            session = run_in_process(cfg, hooks)
             metrics, checkpoint = session.final_metrics, session.checkpoint_path
         else:
-            metrics, checkpoint = run_ray(cfg, callbacks or [], quiet)
+            metrics, checkpoint = run_ray(cfg, callbacks or [], quiet, hooks)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
@@ -113,7 +114,7 @@ def cpus_each(n: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // n))
 
 
-def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str | None]:
+def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list = ()) -> tuple[dict, str | None]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -133,7 +134,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
         resources["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"config": cfg.to_dict(), "hooks": list(hooks)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
@@ -201,7 +202,7 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: tuple | list = ()) -> int:
     from .methods import METHODS
 
     args = parser().parse_args(argv)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir.exists() and not os.access(out_dir, os.W_OK):
             raise UsageError(f"--summary-json {args.summary_json}: folder is not writable")
     try:
-        s = launch(cfg)
+        s = launch(cfg, hooks=hooks)
     except TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1

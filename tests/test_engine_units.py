@@ -225,7 +225,7 @@ def test_resume_takes_the_newest_stored_checkpoint_that_ray_never_registered(tmp
     import pyarrow.fs
     import ray.train
 
-    from raydistill.engine import RaySession, checkpoint_name
+    from raydistill.sessions import RaySession, checkpoint_name
 
     for epochs, content in ((1, {"epoch": 1}), (2, {"epoch": 2}), (3, None)):
         folder = tmp_path / checkpoint_name(epochs)
