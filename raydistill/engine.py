@@ -36,9 +36,10 @@ from .config import TrainConfig
 from .data import iterate_batches, load_dataset
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
-from .sessions import LocalSession, RaySession, note_worker_niceness
-from .sessions import usable_cpus  # noqa: F401 (bench.py reads it here)
+from .sessions import LocalSession, RaySession, note_worker_niceness, usable_cpus
 
+__all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
+           "lr_at", "run_in_process", "train_worker", "usable_cpus"]  # usable_cpus: bench.py reads it here
 WORKER_SWITCH_INTERVAL_S = 0.05  # the GIL switch interval in Ray Train workers (see train_worker)
 
 
