@@ -5,8 +5,10 @@ A checkpoint is a directory:
 * ``model.pt``  - the deployable student: ``{"format": 1, "arch", "num_classes", "in_shape",
   "state_dict", "meta": {...}}`` where meta holds plain values (method, dataset, eps, step_size, ...).
   ``python -m raydistill.evaluate DIR`` and ``--teacher DIR`` read this file.
-* ``state.pt``  - the full training state (every network, optimizer, scheduler, averaged weights,
-  epoch, RNG states, metric history) used to resume.
+* ``last_model.pt`` - the same record of the student's weights at the end of the checkpoint's epoch.
+* ``state.pt``  - the full training state used to resume (``TrainingState``: every trained network,
+  its optimizer, the averaged weights, the epoch, the best record, the metric history, RNG states)
+  and the run's config. Written on any device, read on the CPU and moved: a run resumes on another.
 
 Every file is written atomically (temporary file + fsync + rename) and read with
 ``torch.load(weights_only=True)``: a checkpoint can never execute code.
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import UsageError
 
 MODEL_FILE = "model.pt"
+LAST_MODEL_FILE = "last_model.pt"
 STATE_FILE = "state.pt"
 FORMAT = 1
 
@@ -110,3 +115,92 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     load_state_dict_into(model, obj, source=str(path))
     return model.to(device).eval(), {"arch": arch, "num_classes": num_classes,
                                      "in_shape": list(in_shape) if in_shape else [3, 32, 32]}
+
+
+# ----------------------------------------------------------------------------- the training state
+def read_state(directory: str | os.PathLike) -> dict:
+    """The ``state.pt`` of a checkpoint folder, on the CPU whatever device wrote it."""
+    return safe_load(Path(directory) / STATE_FILE, "resume checkpoint")
+
+
+def cpu_copy(state_dict: dict) -> dict:
+    """A state_dict with every tensor detached, copied to the CPU."""
+    return {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in state_dict.items()}
+
+
+class TrainingState:
+    """Everything a resume needs, in the one place that writes and reads it (``state.pt``'s keys):
+
+    ``nets`` and ``optimizers`` (every trained network, bare, and its optimizer, by name), ``swa`` (the
+    averaged weights, or None), ``epoch`` (epochs completed), ``best`` (the best student by validation
+    PGD-10: ``pgd10``, ``epoch``, ``student``, its CPU ``state_dict`` (None before the first epoch),
+    ``averaged``), ``history`` (every epoch's metrics) and ``rng`` (torch, python, and cuda on a cuda
+    device). ``save`` adds the run's ``config`` (for readers; a resume takes the config it is given).
+    """
+
+    def __init__(self, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                 swa: torch.optim.swa_utils.AveragedModel | None = None, *, student: str,
+                 device: str | torch.device = "cpu"):
+        self.nets, self.optimizers, self.swa = nets, optimizers, swa
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.best: dict[str, Any] = {"pgd10": -1.0, "epoch": -1, "student": student, "state_dict": None}
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "nets": {n: cpu_copy(m.state_dict()) for n, m in self.nets.items()},
+            "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
+            "swa": cpu_copy(self.swa.state_dict()) if self.swa is not None else None,
+            "best": self.best,
+            "history": self.history,
+            "rng": {"torch": torch.get_rng_state(), "python": _listify(random.getstate()),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state`` (tensors on any device: each is copied to where its network lives;
+        a cuda RNG state is restored on a cuda device only)."""
+        for n, module in self.nets.items():
+            module.load_state_dict(state["nets"][n])
+            self.optimizers[n].load_state_dict(state["optimizers"][n])  # moves its state to the parameters' device
+        if self.swa is not None and state.get("swa") is not None:
+            self.swa.load_state_dict(state["swa"])
+        self.epoch = int(state["epoch"])
+        self.best = state["best"]
+        self.history = list(state["history"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        random.setstate(_tuple(rng["python"]))
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+
+    def consider_best(self, pgd10: float, epoch: int, student: str, module: nn.Module, averaged: bool) -> None:
+        """Keep a CPU copy of ``module``'s weights as the best checkpoint if ``pgd10`` beats the best so far."""
+        if pgd10 > self.best["pgd10"]:
+            self.best = {"pgd10": pgd10, "epoch": epoch, "student": student,
+                         "state_dict": cpu_copy(module.state_dict()), "averaged": averaged}
+
+    def save(self, directory: str | os.PathLike, *, config: dict, student: str, arch: str, num_classes: int,
+             in_shape, meta: dict) -> None:
+        """Write a checkpoint folder: ``state.pt`` (this state and ``config``), ``model.pt`` (network
+        ``student`` with the best weights, its current ones before there is a best) and ``last_model.pt``
+        (its current weights)."""
+        directory = Path(directory)
+        state = dict(self.state_dict(), config=config)
+        atomic_save(state, directory / STATE_FILE)
+        model = self.nets[student]
+        best_meta = dict(meta, epoch=self.best["epoch"], val_pgd10_acc=self.best["pgd10"])
+        atomic_save({**model_record(model, arch, num_classes, in_shape, best_meta),
+                     "state_dict": self.best["state_dict"] or state["nets"][student]}, directory / MODEL_FILE)
+        atomic_save(model_record(model, arch, num_classes, in_shape, dict(meta, epoch=self.epoch - 1)),
+                    directory / LAST_MODEL_FILE)
+
+
+def _listify(obj):  # random.getstate() is stored as nested lists (and read back as tuples)
+    return [_listify(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _tuple(obj):
+    return tuple(_tuple(o) for o in obj) if isinstance(obj, (tuple, list)) else obj

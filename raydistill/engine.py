@@ -21,28 +21,25 @@ import copy
 import math
 import os
 import random
-import re
-import shutil
-import signal
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import fastpath
-from .checkpoint import MODEL_FILE, STATE_FILE, atomic_save, load_model, model_record, safe_load
+from .checkpoint import TrainingState, load_model
 from .config import TrainConfig
 from .data import iterate_batches, load_dataset
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
+from .sessions import LocalSession, RaySession, note_worker_niceness, usable_cpus
 
-LAST_MODEL_FILE = "last_model.pt"
+__all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
+           "lr_at", "run_in_process", "train_worker", "usable_cpus"]  # usable_cpus: bench.py reads it here
 WORKER_SWITCH_INTERVAL_S = 0.05  # the GIL switch interval in Ray Train workers (see train_worker)
 
 
@@ -50,147 +47,33 @@ class NonFiniteLoss(RuntimeError):
     """A loss became NaN or infinite: the run stops with this reason."""
 
 
-# ============================================================================= sessions
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# ============================================================================= hooks
+HOOK_POINTS = ("on_batch", "after_report", "on_end")
 
 
-class LocalSession:
-    """In-process execution: checkpoints under ``run_dir/checkpoint_NNNNNN``, newest resumed."""
+class Hooks:
+    """The loop's hooks: objects with any of the methods below, called in order at fixed points (tests
+    use them to kill a worker or to inspect the trained weights; they travel to Ray workers pickled):
 
-    rank, world_size, local_world_size = 0, 1, 1
+    * ``on_batch(trainer, epoch, index, n_batches)``: before each training step of this rank;
+    * ``after_report(trainer, epoch)``: after the epoch's checkpoint is reported, before MLflow logs it;
+    * ``on_end(trainer)``: after the run, on every rank.
+    """
 
-    def __init__(self, run_dir: str, cpus: float | None = None):
-        self.run_dir = Path(run_dir)
-        self.cpus = max(1, int(cpus)) if cpus else usable_cpus()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.final_metrics: dict[str, Any] = {}
-        self.checkpoint_path: str | None = None
+    def __init__(self, hooks=()):
+        hooks = list(hooks)
+        for h in hooks:
+            if not any(callable(getattr(h, p, None)) for p in HOOK_POINTS):
+                raise TypeError(f"{h!r} is not a hook: it has none of the methods {', '.join(HOOK_POINTS)}")
+        self._at = {p: [getattr(h, p) for h in hooks if callable(getattr(h, p, None))] for p in HOOK_POINTS}
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / STATE_FILE).exists())
-        return done[-1] if done else None
-
-    def load_checkpoint(self) -> dict | None:
-        path = self.latest_checkpoint()
-        if path is None:
-            return None
-        self.checkpoint_path = str(path)
-        return safe_load(path / STATE_FILE, "resume checkpoint")
-
-    def report(self, metrics: dict, checkpoint_dir: str | None, repeated: bool = False) -> None:
-        if checkpoint_dir is not None:
-            epoch = int(metrics["epoch"])
-            final = self.run_dir / checkpoint_name(epoch)
-            tmp = self.run_dir / f".tmp_{checkpoint_name(epoch)}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the folder appears complete or not at all
-            self.checkpoint_path = str(final)
-            for old in sorted(self.run_dir.glob("checkpoint_*"))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.final_metrics = dict(metrics)
-
-
-class RaySession:
-    """Inside a Ray Train worker: DDP via prepare_model, checkpoints via ray.train.report."""
-
-    def __init__(self):
-        import ray
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.local_world_size = ctx.get_local_world_size()
-        self.device = ray.train.torch.get_device()
-        self.cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, move_to_device=True)
-
-    def load_checkpoint(self) -> dict | None:
-        """The newest complete checkpoint: Ray's latest registered one, or a newer one in the run's
-        storage that Ray never registered.
-
-        Ray Train registers a checkpoint only once its controller has collected the report of every
-        rank, which it polls every few seconds; a worker that dies in between leaves the epoch's
-        checkpoint persisted (rank 0 uploads it before its report returns) but unknown to Ray.
-        Checkpoint folders are named by epoch (``checkpoint_NNNNNN``), so such a folder is found
-        here; one that a crash left half-uploaded does not load and is passed over."""
-        import ray.train
-
-        registered = ray.train.get_checkpoint()
-        newest = _checkpoint_epoch(registered.path) if registered is not None else -1
-        storage = ray.train.get_context().get_storage()
-        for epoch, path in reversed(self._stored_checkpoints(storage)):
-            if epoch <= newest:
-                break
-            try:
-                state = self._read(ray.train.Checkpoint(path, filesystem=storage.storage_filesystem))
-            except Exception:  # half-written by a worker that died while uploading it
-                continue
-            if self.rank == 0:
-                print(f"[raydistill] {path.rsplit('/', 1)[-1]} was persisted but not registered by Ray "
-                      f"before the failure; resuming from it", flush=True)
-            return state
-        return self._read(registered) if registered is not None else None
-
-    @staticmethod
-    def _stored_checkpoints(storage) -> list[tuple[int, str]]:
-        """(epoch, path) of every checkpoint folder in the run's storage, oldest first."""
-        from pyarrow.fs import FileSelector, FileType
-
-        infos = storage.storage_filesystem.get_file_info(FileSelector(storage.experiment_fs_path, allow_not_found=True))
-        found = [(_checkpoint_epoch(i.path), i.path) for i in infos if i.type == FileType.Directory]
-        return sorted(f for f in found if f[0] >= 0)
-
-    @staticmethod
-    def _read(ckpt) -> dict:
-        with ckpt.as_directory() as d:
-            return safe_load(Path(d) / STATE_FILE, "resume checkpoint")
-
-    def report(self, metrics: dict, checkpoint_dir: str | None, repeated: bool = False) -> None:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        # named by epoch (on every rank: Ray checks that the names agree) so that load_checkpoint finds
-        # it; a finished run's epoch reported again gets Ray's default name: a folder Ray registered
-        # once is never written twice (Ray deletes old checkpoints by folder)
-        name = None if repeated else checkpoint_name(int(metrics["epochs_completed"]))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-
-
-def checkpoint_name(epochs_completed: int) -> str:
-    return f"checkpoint_{epochs_completed:06d}"
-
-
-def _checkpoint_epoch(path: str) -> int:
-    """N of a folder named ``checkpoint_NNNNNN`` (the epochs it holds), else -1."""
-    m = re.fullmatch(r"checkpoint_(\d{6})", str(path).rstrip("/").rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else -1
-
-
-def note_worker_niceness() -> None:
-    """Rank 0 of a CPU run says so when Ray runs it niced (its worker_niceness, 15 unless the cluster was
-    started with RAY_worker_niceness=0 as train.init_ray and clusters/ do)."""
-    import ray.train
-
-    nice = os.nice(0)
-    if nice > 0 and not torch.cuda.is_available() and ray.train.get_context().get_world_rank() == 0:
-        print(f"[raydistill] note: Ray runs this worker at nice {nice}, below its own daemons; on a CPU node "
-              "that costs speed: start Ray with RAY_worker_niceness=0 in the environment of `ray start`", flush=True)
+    def __call__(self, point: str, *args) -> None:
+        for fn in self._at[point]:
+            fn(*args)
 
 
 def train_worker(config: dict) -> None:
-    """TorchTrainer's ``train_loop_per_worker``."""
+    """TorchTrainer's ``train_loop_per_worker``: ``config`` is ``{"config": TrainConfig, "hooks": [...]}``."""
     import logging
 
     # our own progress line says enough; some Ray Train modules name their logger by file path
@@ -210,7 +93,7 @@ def train_worker(config: dict) -> None:
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     try:
         note_worker_niceness()
-        Trainer(TrainConfig.from_dict(config), RaySession()).run()
+        Trainer(config["config"], RaySession(), hooks=config.get("hooks", ())).run()
     finally:
         sys.setswitchinterval(previous)
 
@@ -230,9 +113,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, session):
+    """The loop on one rank: ``session`` says where it runs (raydistill.sessions), ``hooks`` what else
+    runs at its fixed points (``Hooks``)."""
+
+    def __init__(self, cfg: TrainConfig, session, hooks=()):
         self.cfg, self.s = cfg, session
         self.is_main = session.rank == 0
+        self.hooks = Hooks(hooks)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -264,12 +151,12 @@ class Trainer:
         self.trainable = [sp.name for sp in self.specs if sp.trainable]
         self.students = [n for n in self.trainable if n.startswith("student")]
         self.selected = self.students[0]  # the most robust student (several with CAT-AKA)
+        self.modules = {n: raw[n] for n in self.trainable}  # every trained network, bare
         self.optimizers = {n: torch.optim.SGD(raw[n].parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                               weight_decay=cfg.weight_decay) for n in self.trainable}
         self.swa = (torch.optim.swa_utils.AveragedModel(raw["student"])
                     if cfg.swa_start is not None and "student" in raw else None)
-        self.start_epoch, self.history = 0, []
-        self.best = {"pgd10": -1.0, "epoch": -1, "student": self.selected, "state_dict": None}
+        self.state = TrainingState(self.modules, self.optimizers, self.swa, student=self.selected, device=self.device)
         self.restore(s.load_checkpoint())
         self.per_worker_batch = max(1, cfg.batch_size // s.world_size)
         self.logger = None
@@ -277,26 +164,21 @@ class Trainer:
             from .tracking import EpochLogger
 
             self.logger = EpochLogger(cfg.placement.tracking_uri, cfg.placement.mlflow_run_id)
-            self.logger.backfill(self.history)
+            self.logger.backfill(self.state.history)
 
     def restore(self, state: dict | None) -> None:
         if state is None:
             return
-        for n in self.trainable:
-            self.nets.raw(n).load_state_dict(state["nets"][n])
-            self.optimizers[n].load_state_dict(state["optimizers"][n])
-        if self.swa is not None and state.get("swa") is not None:
-            self.swa.load_state_dict(state["swa"])
-        self.start_epoch = int(state["epoch"])
-        self.best = state["best"]
-        self.selected = self.best.get("student", self.selected)
-        self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_tuple(state["rng"]["python"]))
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.state.load_state_dict(state)
+        best = self.state.best
+        self.selected = best.get("student", self.selected)
         if self.is_main:
-            print(f"[raydistill] resumed from epoch {self.start_epoch} (best PGD-10 {self.best['pgd10']:.4f} at epoch {self.best['epoch']})", flush=True)
+            print(f"[raydistill] resumed from epoch {self.start_epoch} (best PGD-10 {best['pgd10']:.4f} at epoch {best['epoch']})", flush=True)
+
+    @property
+    def start_epoch(self) -> int:
+        """The first epoch this run trains (the epochs its checkpoint holds)."""
+        return self.state.epoch
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -314,8 +196,7 @@ class Trainer:
                                   crop_pad=d.crop_pad, hflip=d.hflip, device=self.device)
         for i, (x, y) in enumerate(batches):
             ctx.epoch = ctx.hp.epoch = epoch + i / n_batches
-            if i == n_batches // 2:
-                self.maybe_fault(epoch, "kill")
+            self.hooks("on_batch", self, epoch, i, n_batches)
             losses = self.train_step(x, y, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
@@ -367,17 +248,6 @@ class Trainer:
             for b in self.nets.raw(n).buffers():
                 dist.broadcast(b.data, src=0)
 
-    def maybe_fault(self, epoch: int, when: str) -> None:
-        """Testing hook: ``cfg.fault`` is a comma-separated list of ``WHEN:EPOCH:RANK:MARKER``; the worker
-        of that rank SIGKILLs itself once (the marker file records it) at that point of epoch EPOCH
-        (0-based): WHEN = ``kill`` halfway through the epoch's batches, ``kill-after-report`` right
-        after the epoch's checkpoint is reported (before Ray's controller can register it)."""
-        for fault in (getattr(self.cfg, "fault", None) or "").split(","):
-            kind, e, r, marker = fault.split(":", 3) if fault.count(":") >= 3 else ("", "-1", "-1", "")
-            if kind == when and int(e) == epoch and int(r) == self.s.rank and not os.path.exists(marker):
-                Path(marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-
     # ------------------------------------------------------------------ evaluation
     def shard(self, x: torch.Tensor, y: torch.Tensor):
         return x[self.s.rank::self.s.world_size], y[self.s.rank::self.s.world_size]
@@ -412,7 +282,7 @@ class Trainer:
         return out
 
     def diagnostics(self) -> dict[str, float]:
-        ctx = self.step_context(len(self.history))
+        ctx = self.step_context(len(self.state.history))
         xs, ys = self.shard(self.data.val_x, self.data.val_y)
         sums: dict[str, float] = {}
         modes = {n: self.nets.raw(n).training for n in self.nets.names()}
@@ -431,61 +301,30 @@ class Trainer:
         return {f"val/{k}": v / max(1.0, tot[-1]) for k, v in zip(names, tot)}
 
     def refresh_bn(self, model: nn.Module, epoch: int) -> None:
-        """Recompute BatchNorm statistics of the averaged model over the training set."""
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not bns:
-            return
+        """Recompute BatchNorm statistics of the averaged model over this rank's augmented training
+        batches (a cumulative average: update_bn sets each BatchNorm's momentum to None meanwhile)."""
         d = self.data
-        momenta = {}
-        for bn in bns:
-            bn.reset_running_stats()
-            momenta[bn] = bn.momentum
-            bn.momentum = None  # cumulative average over all batches
-        was = model.training
-        model.train()
-        with torch.no_grad():
-            for x, _ in iterate_batches(d.train_x, d.train_y, self.per_worker_batch, shuffle=True,
-                                        seed=self.cfg.seed + 7919, epoch=epoch, rank=self.s.rank,
-                                        world_size=self.s.world_size, augment=True, crop_pad=d.crop_pad,
-                                        hflip=d.hflip, device=self.device):
-                model(x)
-        for bn in bns:
-            bn.momentum = momenta[bn]
-        model.train(was)
+        batches = iterate_batches(d.train_x, d.train_y, self.per_worker_batch, shuffle=True, seed=self.cfg.seed + 7919,
+                                  epoch=epoch, rank=self.s.rank, world_size=self.s.world_size, augment=True,
+                                  crop_pad=d.crop_pad, hflip=d.hflip, device=self.device)
+        torch.optim.swa_utils.update_bn(batches, model)
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         cfg = self.cfg
         return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps,
-                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.best["student"]}
+                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"]}
 
-    def write_checkpoint(self, epoch_done: int, directory: str) -> None:
-        d, cfg = self.data, self.cfg
-        state = {
-            "epoch": epoch_done,
-            "nets": {n: _cpu(self.nets.raw(n).state_dict()) for n in self.trainable},
-            "optimizers": {n: self.optimizers[n].state_dict() for n in self.trainable},
-            "swa": _cpu(self.swa.state_dict()) if self.swa is not None else None,
-            "best": self.best,
-            "history": self.history,
-            "rng": {"torch": torch.get_rng_state(), "python": list(_listify(random.getstate())),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-            "config": cfg.to_dict(),
-        }
-        atomic_save(state, Path(directory) / STATE_FILE)
-        meta = dict(self.meta(), epoch=self.best["epoch"], val_pgd10_acc=self.best["pgd10"])
-        best = self.best["state_dict"] or state["nets"][self.selected]
-        student = self.nets.raw(self.selected)
-        atomic_save({**model_record(student, cfg.student, d.num_classes, d.in_shape, meta),
-                     "state_dict": best}, Path(directory) / MODEL_FILE)
-        atomic_save(model_record(student, cfg.student, d.num_classes, d.in_shape,
-                                 dict(self.meta(), epoch=epoch_done - 1)), Path(directory) / LAST_MODEL_FILE)
+    def write_checkpoint(self, directory: str) -> None:
+        d = self.data
+        self.state.save(directory, config=self.cfg.to_dict(), student=self.selected, arch=self.cfg.student,
+                        num_classes=d.num_classes, in_shape=d.in_shape, meta=self.meta())
 
     # ------------------------------------------------------------------ run
     def run(self) -> None:
         self.setup()
-        cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.epochs):
+        cfg, first = self.cfg, self.start_epoch
+        for epoch in range(first, cfg.epochs):
             metrics = self.train_epoch(epoch)
             self.sync_buffers()
             if self.swa is not None and epoch >= cfg.swa_start:
@@ -493,71 +332,46 @@ class Trainer:
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
             # the best checkpoint by validation PGD-10: the student or its weight average
-            if metrics["val/pgd10_acc"] > self.best["pgd10"]:
-                self.best = {"pgd10": metrics["val/pgd10_acc"], "epoch": epoch, "student": self.selected,
-                             "state_dict": _cpu(self.nets.raw(self.selected).state_dict()), "averaged": False}
-            if metrics.get("val/swa_pgd10_acc", -1.0) > self.best["pgd10"]:
-                self.best = {"pgd10": metrics["val/swa_pgd10_acc"], "epoch": epoch, "student": "student",
-                             "state_dict": _cpu(self.swa.module.state_dict()), "averaged": True}
-            metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1,
-                            "val/best_pgd10_acc": self.best["pgd10"]})
-            self.history.append(metrics)
+            state = self.state
+            state.consider_best(metrics["val/pgd10_acc"], epoch, self.selected, self.modules[self.selected], False)
+            if "val/swa_pgd10_acc" in metrics:
+                state.consider_best(metrics["val/swa_pgd10_acc"], epoch, "student", self.swa.module, True)
+            metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1, "val/best_pgd10_acc": state.best["pgd10"]})
+            state.history.append(metrics)
+            state.epoch = epoch + 1
             if self.is_main:
                 print(progress_line(epoch, cfg.epochs, metrics), flush=True)
             # the last epoch's report carries the test figures (Ray returns the last checkpointed metrics)
             self.report(dict(metrics, **self.test()) if epoch == cfg.epochs - 1 else metrics)
-            self.maybe_fault(epoch, "kill-after-report")
+            self.hooks("after_report", self, epoch)
             if self.logger:
                 self.logger.log_epoch(epoch, metrics)
-        if self.start_epoch >= cfg.epochs:  # relaunched after completion: just the test figures again
-            self.report(dict(self.history[-1], **self.test()), repeated=True)
-        if getattr(cfg, "debug_dump", None):
-            self.dump_weights(cfg.debug_dump)
-
-    def dump_weights(self, folder: str) -> None:
-        """Testing aid: each rank writes a digest of every trained network's weights."""
-        import hashlib
-        import json
-
-        def digest(tensors) -> str:
-            h = hashlib.sha256()
-            for k, v in tensors:
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            return h.hexdigest()
-
-        digests = {}
-        for n in self.trainable:
-            digests[n] = digest(self.nets.raw(n).named_parameters())
-            digests[f"{n}.buffers"] = digest(self.nets.raw(n).named_buffers())
-        digests["ddp"] = {n: type(self.nets.__getattr__(n)).__name__ for n in self.trainable}
-        digests["switch_interval_s"] = sys.getswitchinterval()
-        digests["nice"] = os.nice(0)
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, f"rank{self.s.rank}.json").write_text(json.dumps(digests))
+        if first >= cfg.epochs:  # relaunched after completion: just the test figures again
+            self.report(dict(self.state.history[-1], **self.test()), repeated=True)
+        self.hooks("on_end", self)
 
     def report(self, metrics: dict, repeated: bool = False) -> None:
         """Checkpoint (rank 0 writes it) and report; the test figures, if present, go to MLflow."""
         with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
             if self.is_main:
-                self.write_checkpoint(int(metrics["epochs_completed"]), tmp)
+                self.write_checkpoint(tmp)
             self.s.report(metrics, tmp if self.is_main else None, repeated)
         if self.logger and any(k.startswith("test/") for k in metrics):
             self.logger.log_final(metrics)
 
     def test(self) -> dict[str, float]:
         """Test-split figures of the best-PGD-10 student (and of the averaged student)."""
-        cfg, d = self.cfg, self.data
-        model = copy.deepcopy(self.nets.raw(self.best["student"]))
-        if self.best["state_dict"] is not None:
-            model.load_state_dict(self.best["state_dict"])
+        cfg, d, best = self.cfg, self.data, self.state.best
+        model = copy.deepcopy(self.nets.raw(best["student"]))
+        if best["state_dict"] is not None:
+            model.load_state_dict(best["state_dict"])
         model.eval()
-        out = {"best_epoch": self.best["epoch"] + 1, "best_is_averaged": float(self.best.get("averaged", False))}
+        out = {"best_epoch": best["epoch"] + 1, "best_is_averaged": float(best.get("averaged", False))}
         out.update(self.robust_eval(model, d.test_x, d.test_y, list(cfg.test_attacks), "test/"))
         if self.swa is not None and self.swa.n_averaged.item() > 0:
             out.update(self.robust_eval(self.swa.module, d.test_x, d.test_y, list(cfg.test_attacks), "test/swa_"))
         if self.is_main:
-            which = "weight-averaged student" if self.best.get("averaged") else "student"
+            which = "weight-averaged student" if best.get("averaged") else "student"
             print("[raydistill] test (best PGD-10 checkpoint: %s, epoch %d): %s" % (which, out["best_epoch"], "  ".join(
                 f"{k[5:]} {v:.4f}" for k, v in out.items() if k.startswith("test/"))), flush=True)
         return out
@@ -570,19 +384,8 @@ def progress_line(epoch: int, epochs: int, m: dict) -> str:
             f"{m['train/images_per_s']:.0f} img/s | {m['train/epoch_time_s']:.1f}s")
 
 
-def run_in_process(cfg: TrainConfig) -> LocalSession:
+def run_in_process(cfg: TrainConfig, hooks=()) -> LocalSession:
     session = LocalSession(cfg.placement.run_dir(), cfg.placement.cpus_per_worker)
-    Trainer(cfg, session).run()
+    Trainer(cfg, session, hooks).run()
     return session
 
-
-def _cpu(sd: dict) -> dict:
-    return {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd.items()}
-
-
-def _listify(obj):
-    return [_listify(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
-
-
-def _tuple(obj):
-    return tuple(_tuple(o) for o in obj) if isinstance(obj, (tuple, list)) else obj

@@ -59,8 +59,9 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-           quiet: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md)."""
+           quiet: bool = False, hooks: tuple | list = ()) -> dict[str, Any]:
+    """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md). ``hooks``
+    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers)."""
     from . import tracking
 
     p = cfg.placement
@@ -75,10 +76,10 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         if p.in_process:
             from .engine import run_in_process
 
-            session = run_in_process(cfg)
+            session = run_in_process(cfg, hooks)
             metrics, checkpoint = session.final_metrics, session.checkpoint_path
         else:
-            metrics, checkpoint = run_ray(cfg, callbacks or [], quiet)
+            metrics, checkpoint = run_ray(cfg, callbacks or [], quiet, hooks)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
@@ -118,7 +119,7 @@ def cpus_each(n: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // n))
 
 
-def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str | None]:
+def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list = ()) -> tuple[dict, str | None]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -139,7 +140,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool) -> tuple[dict, str |
         resources["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"config": cfg, "hooks": list(hooks)},  # the frozen config itself (cloudpickled)
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=RunConfig(name=p.name, storage_path=p.storage_path,
@@ -208,7 +209,7 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: tuple | list = ()) -> int:
     from .methods import METHODS
 
     args = parser().parse_args(argv)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir.exists() and not os.access(out_dir, os.W_OK):
             raise UsageError(f"--summary-json {args.summary_json}: folder is not writable")
     try:
-        s = launch(cfg)
+        s = launch(cfg, hooks=hooks)
     except TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1

@@ -224,7 +224,7 @@ def test_resume_takes_the_newest_stored_checkpoint_that_ray_never_registered(tmp
     import pyarrow.fs
     import ray.train
 
-    from raydistill.engine import RaySession, checkpoint_name
+    from raydistill.sessions import RaySession, checkpoint_name
 
     for epochs, content in ((1, {"epoch": 1}), (2, {"epoch": 2}), (3, None)):
         folder = tmp_path / checkpoint_name(epochs)
@@ -252,3 +252,204 @@ def test_resume_takes_the_newest_stored_checkpoint_that_ray_never_registered(tmp
         shutil.rmtree(tmp_path / checkpoint_name(n))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     assert session.load_checkpoint() is None  # a fresh run
+
+
+# ----------------------------------------------------------------------------- the training state
+def _small_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+
+def _state(seed: int, swa: bool = True) -> checkpoint.TrainingState:
+    nets = {"student": _small_net(seed), "peer": _small_net(seed + 1)}
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for n, m in nets.items()}
+    avg = torch.optim.swa_utils.AveragedModel(nets["student"]) if swa else None
+    return checkpoint.TrainingState(nets, opts, avg, student="student")
+
+
+def _train_a_little(state: checkpoint.TrainingState) -> None:
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for _ in range(2):
+        for n, m in state.nets.items():
+            state.optimizers[n].zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            state.optimizers[n].step()
+    state.swa.update_parameters(state.nets["student"])
+
+
+def _old_layout(state: checkpoint.TrainingState, epoch_done: int, best: dict, history: list) -> dict:
+    """state.pt as Trainer.write_checkpoint wrote it before TrainingState (engine.py of commit cc7b42a)."""
+    import random
+
+    def _cpu(sd):
+        return {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd.items()}
+
+    def _listify(obj):
+        return [_listify(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+    return {
+        "epoch": epoch_done,
+        "nets": {n: _cpu(state.nets[n].state_dict()) for n in state.nets},
+        "optimizers": {n: state.optimizers[n].state_dict() for n in state.nets},
+        "swa": _cpu(state.swa.state_dict()) if state.swa is not None else None,
+        "best": best,
+        "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": list(_listify(random.getstate())), "cuda": None},
+        "config": TrainConfig().to_dict(),
+    }
+
+
+def _assert_same_training_state(a: checkpoint.TrainingState, b: checkpoint.TrainingState) -> None:
+    for n in a.nets:
+        for (ka, va), (kb, vb) in zip(a.nets[n].state_dict().items(), b.nets[n].state_dict().items()):
+            assert ka == kb and torch.equal(va, vb), (n, ka)
+        sa, sb = a.optimizers[n].state_dict(), b.optimizers[n].state_dict()
+        assert sa["param_groups"] == sb["param_groups"]
+        for i in sa["state"]:
+            assert torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"]), (n, i)
+    for (ka, va), (kb, vb) in zip(a.swa.state_dict().items(), b.swa.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert (a.epoch, a.history, a.best["pgd10"], a.best["epoch"]) == (b.epoch, b.history, b.best["pgd10"], b.best["epoch"])
+
+
+def test_a_checkpoint_in_the_old_layout_resumes(tmp_path):
+    """A state.pt written by the code before TrainingState (the same keys) restores every network,
+    optimizer, the averaged weights, epoch, best, history and the RNG states."""
+    import random
+
+    written = _state(0)
+    _train_a_little(written)
+    written.epoch, written.history = 3, [{"epoch": e + 1, "val/pgd10_acc": 0.1 * e} for e in range(3)]
+    written.consider_best(0.2, 2, "student", written.nets["student"], False)
+    random.seed(11)
+    torch.manual_seed(12)
+    checkpoint.atomic_save(_old_layout(written, 3, written.best, written.history), tmp_path / checkpoint.STATE_FILE)
+    want = (torch.rand(3), random.random())  # what the writer's RNGs draw next
+
+    resumed = _state(5)  # other initial weights, no optimizer state yet
+    random.seed(0)
+    torch.manual_seed(0)
+    resumed.load_state_dict(checkpoint.read_state(tmp_path))
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    _assert_same_training_state(written, resumed)
+    assert torch.equal(resumed.best["state_dict"]["0.weight"], written.nets["student"].state_dict()["0.weight"])
+    assert resumed.best["student"] == "student" and resumed.best["averaged"] is False
+
+
+def test_training_state_writes_the_old_layout_and_round_trips(tmp_path):
+    written = _state(0)
+    _train_a_little(written)
+    written.epoch, written.history = 2, [{"epoch": 1}, {"epoch": 2}]
+    written.consider_best(0.3, 1, "student", written.swa.module, True)
+    written.consider_best(0.1, 1, "student", written.nets["student"], False)  # not better: kept
+    assert written.best["averaged"] is True and written.best["pgd10"] == 0.3
+    meta = {"method": "pgd_at", "student": "student"}
+    written.save(tmp_path, config={"seed": 0}, student="student", arch="small_cnn", num_classes=3,
+                 in_shape=(1, 8, 8), meta=meta)
+    state = checkpoint.read_state(tmp_path)
+    assert list(state) == list(_old_layout(written, 2, written.best, written.history))  # same keys, same order
+    assert state["config"] == {"seed": 0} and state["epoch"] == 2 and state["rng"]["cuda"] is None
+    assert isinstance(state["rng"]["python"], list)
+    model, last = (checkpoint.safe_load(tmp_path / f) for f in (checkpoint.MODEL_FILE, checkpoint.LAST_MODEL_FILE))
+    assert model["meta"] == dict(meta, epoch=1, val_pgd10_acc=0.3) and last["meta"] == dict(meta, epoch=1)
+    swa_weights = written.swa.module.state_dict()["0.weight"]
+    assert torch.equal(model["state_dict"]["0.weight"], swa_weights)  # the best: the averaged weights
+    assert torch.equal(last["state_dict"]["0.weight"], written.nets["student"].state_dict()["0.weight"])
+    resumed = _state(7)
+    resumed.load_state_dict(state)
+    _assert_same_training_state(written, resumed)
+
+
+def test_a_state_written_on_cuda_resumes_on_the_cpu(tmp_path):
+    """read_state maps every tensor to the CPU; load_state_dict copies each to where its network lives,
+    and restores a cuda RNG state on a cuda device only."""
+    written = _state(0)
+    _train_a_little(written)
+    state = written.state_dict()
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a cuda run writes it (a CPU byte tensor)
+    checkpoint.atomic_save(state, tmp_path / checkpoint.STATE_FILE)
+    resumed = _state(3)
+    resumed.load_state_dict(checkpoint.read_state(tmp_path))
+    _assert_same_training_state(written, resumed)
+    if torch.cuda.is_available():  # and the other way: loaded onto a cuda device
+        cuda = _state(3)
+        for m in [*cuda.nets.values(), cuda.swa]:
+            m.cuda()
+        cuda.device = torch.device("cuda")
+        cuda.load_state_dict(checkpoint.read_state(tmp_path))
+        assert all(p.is_cuda for m in cuda.nets.values() for p in m.parameters())
+        assert all(s["momentum_buffer"].is_cuda for o in cuda.optimizers.values() for s in o.state.values())
+
+
+# ----------------------------------------------------------------------------- refresh_bn
+def _old_refresh_bn(model, batches) -> None:
+    """Trainer.refresh_bn before it used torch.optim.swa_utils.update_bn (engine.py of commit cc7b42a)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {}
+    for bn in bns:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None
+    was = model.training
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for bn in bns:
+        bn.momentum = momenta[bn]
+    model.train(was)
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
+def test_refresh_bn_gives_the_running_statistics_of_the_old_code(rank, world_size):
+    import copy
+    import types
+
+    from raydistill.data import iterate_batches, load_dataset
+    from raydistill.engine import Trainer
+
+    d = load_dataset("digits", val_size=0)
+    trainer = object.__new__(Trainer)
+    trainer.data, trainer.cfg, trainer.per_worker_batch, trainer.device = d, TrainConfig(seed=4), 64, torch.device("cpu")
+    trainer.s = types.SimpleNamespace(rank=rank, world_size=world_size)
+    model = _small_net(0).eval()
+    model[1].momentum = 0.3
+    new, old = copy.deepcopy(model), copy.deepcopy(model)
+    trainer.refresh_bn(new, 2)
+    _old_refresh_bn(old, iterate_batches(d.train_x, d.train_y, 64, shuffle=True, seed=4 + 7919, epoch=2, rank=rank,
+                                         world_size=world_size, augment=True, crop_pad=d.crop_pad, hflip=d.hflip))
+    for (k, a), (_, b) in zip(new.state_dict().items(), old.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert int(new[1].num_batches_tracked) == -(-len(d.train_y[rank::world_size]) // 64)
+    assert new[1].momentum == 0.3 and not new.training
+    assert not torch.equal(new[1].running_mean, model[1].running_mean)  # the statistics did change
+
+
+# ----------------------------------------------------------------------------- hooks
+def test_hooks_are_called_in_order_at_their_points_and_a_non_hook_is_refused():
+    from raydistill.engine import Hooks
+
+    calls = []
+
+    class A:
+        def on_batch(self, trainer, epoch, index, n_batches):
+            calls.append(("A", epoch, index, n_batches))
+
+        def on_end(self, trainer):
+            calls.append(("A", "end"))
+
+    class B:
+        def on_batch(self, trainer, epoch, index, n_batches):
+            calls.append(("B", epoch, index, n_batches))
+
+    hooks = Hooks([A(), B()])
+    hooks("on_batch", None, 1, 2, 3)
+    hooks("after_report", None, 1)
+    hooks("on_end", None)
+    assert calls == [("A", 1, 2, 3), ("B", 1, 2, 3), ("A", "end")]
+    with pytest.raises(TypeError, match="not a hook"):
+        Hooks([object()])

@@ -6,7 +6,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_one_error_line, cli, run_args, summary
+from conftest import assert_one_error_line, cli, run_args, summary, train_with_hooks
+from loop_hooks import KillOnce, WeightDigests
 from raydistill.engine import WORKER_SWITCH_INTERVAL_S
 
 pytestmark = pytest.mark.slow
@@ -21,8 +22,8 @@ def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
     """Issue 3's acceptance run: PGD-AT under DDP on 2 CPU workers (gloo)."""
     nat = cli("train", "natural", "--dataset", "digits", "--workers", "0", *run_args(workdir, "nat"))
     assert nat.returncode == 0, nat.stderr[-3000:]
-    adv = cli("train", "pgd_at", "--dataset", "digits", "--student", "small_cnn", "--workers", "2",
-              "--debug-dump", str(workdir / "dump"), *run_args(workdir, "adv"))
+    adv = train_with_hooks([WeightDigests(workdir / "dump")], "pgd_at", "--dataset", "digits", "--student",
+                           "small_cnn", "--workers", "2", *run_args(workdir, "adv"))
     assert adv.returncode == 0, adv.stderr[-3000:]
     n, a = summary(workdir, "nat")["metrics"], summary(workdir, "adv")
     print(f"natural: {n}\npgd_at (2 workers): {a['metrics']} in {a['wall_time_s']}s")
@@ -43,8 +44,9 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(workdir):
     checkpoint, before Ray's controller (which polls every 2 s) can have registered it: the group
     must resume from that persisted checkpoint, not redo the epoch, and log each epoch once."""
     mid, after_report = workdir / "killed_mid_epoch", workdir / "killed_after_report"
-    proc = cli("train", "pgd_at", "--dataset", "digits", "--workers", "2", "--epochs", "3", "--max-failures", "2",
-               "--fault", f"kill:1:1:{mid},kill-after-report:1:0:{after_report}", *run_args(workdir, "kill"))
+    faults = [KillOnce("mid_epoch", 1, 1, mid), KillOnce("after_report", 1, 0, after_report)]
+    proc = train_with_hooks(faults, "pgd_at", "--dataset", "digits", "--workers", "2", "--epochs", "3",
+                            "--max-failures", "2", *run_args(workdir, "kill"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert mid.exists() and after_report.exists(), "a worker was never killed"
     out = proc.stdout + proc.stderr
@@ -128,8 +130,8 @@ def test_online_method_on_two_workers_keeps_every_network_identical_across_ranks
     after the run's steps, identical (parameters and BatchNorm buffers) on both ranks."""
     nets, metrics = ONLINE[method]
     extra = ["--set", "svgd_steps=4"] if method != "peeraid" else []
-    proc = cli("train", method, "--dataset", "digits", "--workers", "2", "--epochs", "1", *extra,
-               "--debug-dump", str(workdir / "dump"), *run_args(workdir, method))
+    proc = train_with_hooks([WeightDigests(workdir / "dump")], method, "--dataset", "digits", "--workers",
+                            "2", "--epochs", "1", *extra, *run_args(workdir, method))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((workdir / "dump" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ddp"] == r1["ddp"] == {n: "DistributedDataParallel" for n in nets}
