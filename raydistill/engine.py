@@ -283,7 +283,7 @@ class Trainer:
         if state is None:
             return
         for n in self.trainable:
-            self.nets.raw(n).load_state_dict(state["nets"][n])
+            self.nets._module(n).load_state_dict(state["nets"][n])
             self.optimizers[n].load_state_dict(state["optimizers"][n])
         if self.swa is not None and state.get("swa") is not None:
             self.swa.load_state_dict(state["swa"])
@@ -302,7 +302,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, d = self.cfg, self.data
         for n in self.trainable:
-            self.nets.raw(n).train()
+            self.nets._module(n).train()
             for g in self.optimizers[n].param_groups:
                 g["lr"] = lr_at(cfg, epoch)
         ctx = self.step_context(epoch)
@@ -364,7 +364,7 @@ class Trainer:
         if self.s.world_size == 1 or not dist.is_initialized():
             return
         for n in self.trainable:
-            for b in self.nets.raw(n).buffers():
+            for b in self.nets._module(n).buffers():
                 dist.broadcast(b.data, src=0)
 
     def maybe_fault(self, epoch: int, when: str) -> None:
@@ -397,11 +397,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         d = self.data
         if len(self.students) == 1:
-            out = self.robust_eval(self.nets.raw(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
+            out = self.robust_eval(self.nets._module(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
         else:  # every student reported; the most robust one is selected
             out = {}
             for n in self.students:
-                out.update(self.robust_eval(self.nets.raw(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
+                out.update(self.robust_eval(self.nets._module(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
             self.selected = max(self.students, key=lambda n: out[f"val/{n}_pgd10_acc"])
             out["val/clean_acc"] = out[f"val/{self.selected}_clean_acc"]
             out["val/pgd10_acc"] = out[f"val/{self.selected}_pgd10_acc"]
@@ -415,15 +415,15 @@ class Trainer:
         ctx = self.step_context(len(self.history))
         xs, ys = self.shard(self.data.val_x, self.data.val_y)
         sums: dict[str, float] = {}
-        modes = {n: self.nets.raw(n).training for n in self.nets.names()}
+        modes = {n: self.nets._module(n).training for n in self.nets.names()}
         for n in self.nets.names():
-            self.nets.raw(n).eval()
+            self.nets._module(n).eval()
         for x, y in iterate_batches(xs, ys, max(256, self.per_worker_batch), shuffle=False, seed=0, epoch=0,
                                     device=self.device):
             for k, v in self.method.diagnostics(self.nets, x, y, ctx).items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
         for n, was in modes.items():
-            self.nets.raw(n).train(was)
+            self.nets._module(n).train(was)
         names = sorted(sums)
         if not names:
             return {}
@@ -463,7 +463,7 @@ class Trainer:
         d, cfg = self.data, self.cfg
         state = {
             "epoch": epoch_done,
-            "nets": {n: _cpu(self.nets.raw(n).state_dict()) for n in self.trainable},
+            "nets": {n: _cpu(self.nets._module(n).state_dict()) for n in self.trainable},
             "optimizers": {n: self.optimizers[n].state_dict() for n in self.trainable},
             "swa": _cpu(self.swa.state_dict()) if self.swa is not None else None,
             "best": self.best,
@@ -475,7 +475,7 @@ class Trainer:
         atomic_save(state, Path(directory) / STATE_FILE)
         meta = dict(self.meta(), epoch=self.best["epoch"], val_pgd10_acc=self.best["pgd10"])
         best = self.best["state_dict"] or state["nets"][self.selected]
-        student = self.nets.raw(self.selected)
+        student = self.nets._module(self.selected)
         atomic_save({**model_record(student, cfg.student, d.num_classes, d.in_shape, meta),
                      "state_dict": best}, Path(directory) / MODEL_FILE)
         atomic_save(model_record(student, cfg.student, d.num_classes, d.in_shape,
@@ -489,13 +489,13 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.sync_buffers()
             if self.swa is not None and epoch >= cfg.swa_start:
-                self.swa.update_parameters(self.nets.raw("student"))
+                self.swa.update_parameters(self.nets._module("student"))
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
             # the best checkpoint by validation PGD-10: the student or its weight average
             if metrics["val/pgd10_acc"] > self.best["pgd10"]:
                 self.best = {"pgd10": metrics["val/pgd10_acc"], "epoch": epoch, "student": self.selected,
-                             "state_dict": _cpu(self.nets.raw(self.selected).state_dict()), "averaged": False}
+                             "state_dict": _cpu(self.nets._module(self.selected).state_dict()), "averaged": False}
             if metrics.get("val/swa_pgd10_acc", -1.0) > self.best["pgd10"]:
                 self.best = {"pgd10": metrics["val/swa_pgd10_acc"], "epoch": epoch, "student": "student",
                              "state_dict": _cpu(self.swa.module.state_dict()), "averaged": True}
@@ -528,8 +528,8 @@ class Trainer:
 
         digests = {}
         for n in self.trainable:
-            digests[n] = digest(self.nets.raw(n).named_parameters())
-            digests[f"{n}.buffers"] = digest(self.nets.raw(n).named_buffers())
+            digests[n] = digest(self.nets._module(n).named_parameters())
+            digests[f"{n}.buffers"] = digest(self.nets._module(n).named_buffers())
         digests["ddp"] = {n: type(self.nets.__getattr__(n)).__name__ for n in self.trainable}
         digests["switch_interval_s"] = sys.getswitchinterval()
         digests["nice"] = os.nice(0)
@@ -548,7 +548,7 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test-split figures of the best-PGD-10 student (and of the averaged student)."""
         cfg, d = self.cfg, self.data
-        model = copy.deepcopy(self.nets.raw(self.best["student"]))
+        model = copy.deepcopy(self.nets._module(self.best["student"]))
         if self.best["state_dict"] is not None:
             model.load_state_dict(self.best["state_dict"])
         model.eval()

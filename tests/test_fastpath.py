@@ -157,7 +157,7 @@ def test_the_strict_features_keep_the_training_step(tmp_path):
                         "--attack-steps", "3", "--eval-examples", "8", "--threads", "1"])
     b = bench.Bench(args, str(tmp_path))
     def flat(trainer, n):
-        return torch.cat([p.detach().flatten().clone() for p in trainer.nets.raw(n).parameters()])
+        return torch.cat([p.detach().flatten().clone() for p in trainer.nets._module(n).parameters()])
 
     updates, starts = [], []
     for features in ({}, bench.FAST):
@@ -168,7 +168,7 @@ def test_the_strict_features_keep_the_training_step(tmp_path):
         torch.manual_seed(0)
         bench.production_step(trainer)(x, y)
         updates.append({n: flat(trainer, n) - before[n] for n in ("student", "peer")})
-    assert fastpath.views_of(trainer.nets.raw("student"))  # the attack ran on the folded copy
+    assert fastpath.views_of(trainer.nets._module("student"))  # the attack ran on the folded copy
     for n in ("student", "peer"):
         assert torch.equal(starts[0][n], starts[1][n]), n  # the same initial weights
         plain, fast = updates[0][n], updates[1][n]
@@ -190,7 +190,7 @@ def test_fast_path_pgd20_accuracy_of_a_fixed_model_within_half_a_point(tmp_path)
     trainer.setup()
     for epoch in range(cfg.epochs):
         trainer.train_epoch(epoch)
-    model = trainer.nets.raw("student").eval()
+    model = trainer.nets._module("student").eval()
     d = load_dataset("digits", val_size=0)
     x, y = torch.cat([d.train_x, d.test_x]), torch.cat([d.train_y, d.test_y])
     kw = dict(eps=cfg.eps, step_size=cfg.step_size, batch_size=512)

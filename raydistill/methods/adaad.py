@@ -41,8 +41,8 @@ class AdaAD(OfflineMethod):
 
     def inner_max(self, nets, x, y, ctx):
         r = ctx.hp.radius
-        with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):
-            x_adv = attacks.pgd(attacks.kl_between(nets.raw("teacher"), s), x, eps=r * ctx.eps,
+        with self.attacking(nets, ["student", "teacher"], ctx.hp.bn_mode) as (s, t):  # T stays in eval()
+            x_adv = attacks.pgd(attacks.kl_between(t, s), x, eps=r * ctx.eps,
                                 step_size=r * ctx.step_size, steps=ctx.attack_steps, random_start=ctx.hp.random_start)
         return {"x_adv": x_adv}
 

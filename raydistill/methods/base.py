@@ -11,6 +11,13 @@ A method is one small class:
 * ``diagnostics()``: optional per-sample quantities averaged over the validation set each epoch.
 
 The loop (raydistill.engine) owns devices, DDP, optimizers, schedules, checkpoints and logging.
+
+How a method reaches its networks (one way for each use):
+
+* training forwards: ``nets.student(x)`` (any trained network by name; DDP-wrapped when distributed);
+* attacks: the bare modules, only inside ``with self.attacking(nets, names, bn) as modules:``;
+* frozen pretrained teachers: constant logits from ``OfflineMethod.frozen(nets, name, x)``, and
+  input gradients through them only inside ``attacking()`` (AdaAD).
 """
 from __future__ import annotations
 
@@ -24,7 +31,6 @@ from torch import nn
 from .. import attacks, fastpath
 from ..schedules import value_at
 
-
 @dataclass
 class NetSpec:
     """One network of a method: ``trainable`` ones are trained from scratch under DDP; others are
@@ -37,23 +43,34 @@ class NetSpec:
     flag: str = ""  # the CLI flag that names the checkpoint, for error messages
 
 
-class Nets:
-    """The method's networks. ``nets.student`` is the training forward (DDP-wrapped when
-    distributed); ``nets.raw('student')`` is the bare module, used by attacks and eval forwards
-    (attacks take input gradients only, so they never touch DDP's gradient hooks)."""
+_ACCESS = ("methods reach bare modules only inside Method.attacking(nets, names, bn), a frozen network's "
+           "logits through OfflineMethod.frozen(nets, name, x), and train through nets.<name>(x)")
 
-    def __init__(self, wrapped: dict[str, nn.Module], raw: dict[str, nn.Module], specs: list[NetSpec]):
-        self._wrapped, self._raw = wrapped, raw
+
+class Nets:
+    """The method's networks. ``nets.student`` (any trained network by name) is the training forward,
+    DDP-wrapped when distributed. The bare modules (used by attacks, which take input gradients only
+    and so never touch DDP's gradient hooks) and the frozen networks are not attributes: methods get
+    them from :meth:`Method.attacking` and ``OfflineMethod.frozen``; the loop (engine, bench) from the
+    private ``nets._module(name)``."""
+
+    def __init__(self, wrapped: dict[str, nn.Module], modules: dict[str, nn.Module], specs: list[NetSpec]):
+        self._wrapped, self._modules = wrapped, modules
         self.specs = {s.name: s for s in specs}
 
     def __getattr__(self, name: str) -> nn.Module:
-        try:
+        spec = self.__dict__.get("specs", {}).get(name)
+        if spec is not None and spec.trainable:
             return self.__dict__["_wrapped"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+        if spec is not None:
+            raise AttributeError(f"nets.{name} is a frozen network: {_ACCESS}")
+        if name == "raw":
+            raise AttributeError(f"nets.raw is not for methods: {_ACCESS}")
+        raise AttributeError(name)
 
-    def raw(self, name: str) -> nn.Module:
-        return self._raw[name]
+    def _module(self, name: str) -> nn.Module:
+        """The bare module ``name`` (never DDP-wrapped): for the loop only (state, modes, evaluation)."""
+        return self._modules[name]
 
     def names(self, trainable: bool | None = None) -> list[str]:
         return [n for n, s in self.specs.items() if trainable is None or s.trainable == trainable]
@@ -131,6 +148,10 @@ class Method:
     @staticmethod
     @contextmanager
     def attacking(nets: Nets, names: list[str], bn: str) -> Iterator[list[nn.Module]]:
-        """The bare modules ``names`` in BatchNorm mode ``bn`` ('eval' | 'train') for an attack."""
-        with fastpath.attack_views([nets.raw(n) for n in names], bn) as mods:
-            yield mods
+        """The bare modules ``names`` for an attack: the trained networks in BatchNorm mode ``bn``
+        ('eval' | 'train'; their fast-path attack views, see raydistill.fastpath), frozen networks
+        (teachers) as they always are, in eval(). Modes are restored on exit."""
+        trained = [n for n in names if nets.specs[n].trainable]
+        with fastpath.attack_views([nets._module(n) for n in trained], bn) as views:
+            view = dict(zip(trained, views))
+            yield [view[n] if n in view else nets._module(n) for n in names]
