@@ -313,7 +313,7 @@ class Trainer:
                                   epoch=epoch, rank=self.s.rank, world_size=self.s.world_size, augment=True,
                                   crop_pad=d.crop_pad, hflip=d.hflip, device=self.device)
         for i, (x, y) in enumerate(batches):
-            ctx.epoch = ctx.hp.epoch = epoch + i / n_batches
+            ctx.epoch = epoch + i / n_batches  # held by ctx.hp, which evaluates the schedules at it
             if i == n_batches // 2:
                 self.maybe_fault(epoch, "kill")
             losses = self.train_step(x, y, ctx)
@@ -355,8 +355,7 @@ class Trainer:
 
     def step_context(self, epoch: float = 0.0) -> StepContext:
         cfg = self.cfg
-        hp = HP(cfg.hp, epoch)
-        return StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=hp, epoch=epoch)
+        return StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=HP(cfg.hp, epoch))
 
     def sync_buffers(self) -> None:
         """BatchNorm statistics from rank 0 to every rank, so all ranks validate and save one model

@@ -92,7 +92,7 @@ def setup(name: str, epoch: float = 0.0, eps: float = 0.1, step_size: float = 0.
         if not s.trainable:
             mods[s.name].requires_grad_(False).eval()
     values = dict(cls.hparams, **hp)
-    ctx = StepContext(eps=eps, step_size=step_size, attack_steps=steps, hp=HP(values, epoch), epoch=epoch)
+    ctx = StepContext(eps=eps, step_size=step_size, attack_steps=steps, hp=HP(values, epoch))
     return method, Nets(mods, mods, specs), ctx, Counter(mods)
 
 

@@ -77,7 +77,7 @@ class Nets:
 
 
 class HP:
-    """Attribute view of the hyperparameters at the current (fractional) epoch."""
+    """Attribute view of the hyperparameters at the current (fractional) epoch, which it holds."""
 
     def __init__(self, values: dict[str, Any], epoch: float = 0.0):
         self._values, self.epoch = values, epoch
@@ -97,8 +97,16 @@ class StepContext:
     step_size: float
     attack_steps: int
     hp: HP
-    epoch: float = 0.0
     stats: dict = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> float:
+        """The (fractional) epoch of this step, held once: by ``hp``, which evaluates the schedules at it."""
+        return self.hp.epoch
+
+    @epoch.setter
+    def epoch(self, value: float) -> None:
+        self.hp.epoch = value
 
     def record(self, name: str, per_sample: torch.Tensor) -> None:
         """Accumulate a per-sample training statistic, logged per epoch as train/<name>."""
