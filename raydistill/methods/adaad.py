@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .. import attacks
-from ..losses import REDUCTIONS, kl
+from ..losses import kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 from .iad import INTROSPECTION, introspection, reliability, warming_up
 
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
@@ -34,9 +35,8 @@ CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
 class AdaAD(OfflineMethod):
     name = "adaad"
     introspective: ClassVar[bool] = False  # AdaIAD
-    hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean", "bn_mode": "eval",
-               "random_start": "normal"}
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
+    hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean",
+               **attack_hparams(bn_mode="eval", random_start="normal")}
     presets = {"cifar10": CIFAR, "cifar100": {**CIFAR, "hp": {"kl_reduction": "batchmean"}}}
 
     def inner_max(self, nets, x, y, ctx):

@@ -52,7 +52,7 @@ from .. import attacks
 from ..errors import UsageError
 from ..losses import REDUCTIONS, ce, kl_to_probs, reduce
 from ..svgd import ParticleObjective, pairwise_distance, svgd
-from .base import Method, NetSpec
+from .base import Method, NetSpec, attack_hparams
 
 LOGIT_RULES = ("naive", "linear", "soft")
 CIFAR = {"epochs": 300, "lr_milestones": [200, 250, 270], "weight_decay": 2e-4,
@@ -128,9 +128,9 @@ class AKAMethod(Method):
     size: ClassVar[str] = ""  # the hyperparameter that holds n
     hparams = {"alpha": 0.5, "amalgamation": "soft", "beta": 1.0, "mse_reduction": "mean",
                "svgd_steps": 20, "svgd_step": 0.0, "svgd_gamma": 1.0, "svgd_bandwidth": "median",
-               "svgd_sigma": 1e-3, "svgd_target": "own", "bn_mode": "eval"}
+               "svgd_sigma": 1e-3, "svgd_target": "own", **attack_hparams(bn_mode="eval")}
     choices = {"amalgamation": LOGIT_RULES, "mse_reduction": REDUCTIONS, "svgd_bandwidth": ("median", "fixed"),
-               "svgd_target": ("own", "ensemble"), "bn_mode": ("eval", "train")}
+               "svgd_target": ("own", "ensemble")}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}
 
     @classmethod

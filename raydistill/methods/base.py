@@ -2,8 +2,9 @@
 
 A method is one small class:
 
-* ``hparams`` / ``choices``: its hyperparameters (names as in METHODS.md) with defaults; any float
-  may be given a schedule (``linear(...)``, ``step(...)``);
+* ``hparams`` / ``choices``: its hyperparameters (names as in METHODS.md) with defaults and the
+  choices of the string ones (the shared ``bn_mode`` / ``random_start`` / ``kl_reduction`` ones are
+  declared once here, SHARED_CHOICES); any float may be given a schedule (``linear(...)``, ``step(...)``);
 * ``presets``: per dataset, the paper's (or authors' code's) published setting;
 * ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
 * ``inner_max()``: how it makes its adversarial inputs this step;
@@ -29,7 +30,21 @@ import torch
 from torch import nn
 
 from .. import attacks, fastpath
+from ..losses import REDUCTIONS
 from ..schedules import value_at
+
+# The choices of the hyperparameters several methods share, declared once: every Method gets those
+# of them it has among its hparams (a class's own ``choices`` entry wins). The repos differ in both
+# attack settings (METHODS.md): BatchNorm mode while attacking, and the PGD start, uniform in the
+# ball or x + 0.001·N(0, 1); and in the KL's reduction, sum over classes / B or mean over B·C.
+SHARED_CHOICES: dict[str, tuple] = {"bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
+                                    "kl_reduction": REDUCTIONS}
+
+
+def attack_hparams(bn_mode: str, random_start: str | None = None) -> dict[str, str]:
+    """A method's defaults for the training attack's BatchNorm mode and (PGD methods) random start."""
+    return {"bn_mode": bn_mode} if random_start is None else {"bn_mode": bn_mode, "random_start": random_start}
+
 
 @dataclass
 class NetSpec:
@@ -121,6 +136,10 @@ class Method:
     presets: ClassVar[dict[str, dict]] = {}
     # training settings the method always starts from, on every dataset (below its presets and flags)
     settings: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.choices = {**{k: v for k, v in SHARED_CHOICES.items() if k in cls.hparams}, **cls.choices}
 
     def __init__(self, cfg):
         self.cfg = cfg

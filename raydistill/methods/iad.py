@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import REDUCTIONS, ce, kl
+from ..losses import ce, kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 
 INTROSPECTION = {"beta": 0.1, "gamma": 1.0, "tau_self": 1.0, "detach_clean": False}
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4}  # intended schedule
 TINY = {"epochs": 100, "lr_milestones": [50, 80], "weight_decay": 5e-4}
-ATTACK = {"bn_mode": "train", "random_start": "uniform"}
-CHOICES = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
-           "teacher_input": ("clean", "adv")}
+ATTACK = attack_hparams(bn_mode="train", random_start="uniform")
+CHOICES = {"teacher_input": ("clean", "adv")}
 
 
 def warming_up(ctx) -> bool:
