@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .. import attacks
+from ..hparams import FRACTION, POSITIVE
 from ..losses import kl
 from ._teachers import OfflineMethod
 from .base import attack_hparams
-from .iad import INTROSPECTION, introspection, reliability, warming_up
+from .iad import INTROSPECTION, INTROSPECTION_RANGES, introspection, reliability, warming_up
 
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
 
@@ -37,6 +38,7 @@ class AdaAD(OfflineMethod):
     introspective: ClassVar[bool] = False  # AdaIAD
     hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean",
                **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"alpha": FRACTION, "tau": POSITIVE, "radius": POSITIVE}  # alpha: Eq. 11's convex combination
     presets = {"cifar10": CIFAR, "cifar100": {**CIFAR, "hp": {"kl_reduction": "batchmean"}}}
 
     def inner_max(self, nets, x, y, ctx):
@@ -66,4 +68,5 @@ class AdaIAD(AdaAD):
     name = "adaiad"
     introspective = True
     hparams = {**AdaAD.hparams, "tau": 30.0, "kl_reduction": "batchmean", "warmup": 60, **INTROSPECTION}
+    ranges = {**AdaAD.ranges, **INTROSPECTION_RANGES}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}

@@ -14,6 +14,7 @@ intended schedule.
 """
 from __future__ import annotations
 
+from ..hparams import POSITIVE, WEIGHT
 from ..losses import ce, kl
 from ._teachers import OfflineMethod
 from .base import attack_hparams
@@ -28,6 +29,7 @@ class AKD2(OfflineMethod):
     hparams = {"lambda1": 0.25, "lambda2": 0.5, "lambda3": 0.25, "tau": 1.0, "kl_reduction": "batchmean",
                **attack_hparams(bn_mode="train", random_start="uniform"), "teacher_input": "adv"}
     choices = {"teacher_input": ("clean", "adv")}
+    ranges = {"lambda1": WEIGHT, "lambda2": WEIGHT, "lambda3": WEIGHT, "tau": POSITIVE}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR, "tinyimagenet": TINY}
 
     def inner_max(self, nets, x, y, ctx):

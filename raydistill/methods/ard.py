@@ -13,6 +13,7 @@ reproduces the code's.
 """
 from __future__ import annotations
 
+from ..hparams import FRACTION, POSITIVE
 from ..losses import ce, kl
 from ._teachers import OfflineMethod
 from .base import attack_hparams
@@ -25,6 +26,7 @@ class ARD(OfflineMethod):
     hparams = {"alpha": 1.0, "tau": 30.0, "kl_reduction": "mean",
                **attack_hparams(bn_mode="train", random_start="uniform"), "teacher_input": "clean"}
     choices = {"teacher_input": ("clean", "adv")}
+    ranges = {"alpha": FRACTION, "tau": POSITIVE}  # alpha: (1 - alpha) * CE + alpha * KL
     presets = {
         "cifar10": CIFAR,
         "cifar100": CIFAR,

@@ -2,9 +2,10 @@
 
 A method is one small class:
 
-* ``hparams`` / ``choices``: its hyperparameters (names as in METHODS.md) with defaults and the
-  choices of the string ones (the shared ``bn_mode`` / ``random_start`` / ``kl_reduction`` ones are
-  declared once here, SHARED_CHOICES); any float may be given a schedule (``linear(...)``, ``step(...)``);
+* ``hparams`` / ``choices`` / ``ranges``: its hyperparameters (names as in METHODS.md) with
+  defaults, the choices of the string ones (the shared ``bn_mode`` / ``random_start`` /
+  ``kl_reduction`` ones are declared once here, SHARED_CHOICES) and the valid range of every
+  numeric one (raydistill.hparams); any float may be given a schedule (``linear(...)``, ``step(...)``);
 * ``presets``: per dataset, the paper's (or authors' code's) published setting;
 * ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
 * ``inner_max()``: how it makes its adversarial inputs this step;
@@ -30,8 +31,10 @@ import torch
 from torch import nn
 
 from .. import attacks, fastpath
+from ..errors import UsageError
+from ..hparams import Range
 from ..losses import REDUCTIONS
-from ..schedules import value_at
+from ..schedules import Schedule, value_at
 
 # The choices of the hyperparameters several methods share, declared once: every Method gets those
 # of them it has among its hparams (a class's own ``choices`` entry wins). The repos differ in both
@@ -133,6 +136,7 @@ class Method:
     name: ClassVar[str] = ""
     hparams: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
+    ranges: ClassVar[dict[str, Range]] = {}  # every int / float hyperparameter's valid values
     presets: ClassVar[dict[str, dict]] = {}
     # training settings the method always starts from, on every dataset (below its presets and flags)
     settings: ClassVar[dict[str, Any]] = {}
@@ -145,6 +149,28 @@ class Method:
         self.cfg = cfg
 
     # ---- declarations
+    @classmethod
+    def check_value(cls, name: str, value) -> None:
+        """Raise UsageError unless ``value`` of the hyperparameter ``name`` lies in ``cls.ranges[name]``.
+
+        ``value`` is a number or a :class:`~raydistill.schedules.Schedule`, whose every value (it
+        runs between its two endpoints) must lie in the range. Names without a range (strings,
+        booleans) and values of other types pass: their type is the configuration's check. The
+        message is one line, ``--set NAME=VALUE: NAME of METHOD must be RANGE``, e.g.
+        ``--set tau=-1: tau of peeraid must be > 0``, and for a schedule
+        ``--set alpha=linear(-1,5,0,10): alpha of rslad must be in [0, 1] at every epoch (it takes -1)``.
+        """
+        rng = cls.ranges.get(name)
+        if rng is None or isinstance(value, bool):
+            return
+        if isinstance(value, Schedule):
+            bad = [v for v in (value.a, value.b) if not rng.contains(v)]
+            if bad:
+                raise UsageError(f"--set {name}={value}: {name} of {cls.name} must be {rng} at every epoch "
+                                 f"(it takes {bad[0]:g})")
+        elif isinstance(value, (int, float)) and not rng.contains(value):
+            raise UsageError(f"--set {name}={value:g}: {name} of {cls.name} must be {rng}")
+
     @classmethod
     def validate_config(cls, cfg) -> None:
         """Raise UsageError for settings this method cannot run with (before anything starts)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import attacks
+from ..hparams import WEIGHT
 from ..losses import ce, kl
 from .base import Method, attack_hparams
 
@@ -43,6 +44,7 @@ class TRADES(Method):
 
     name = "trades"
     hparams = {"beta": 6.0, "kl_reduction": "batchmean", **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"beta": WEIGHT}
 
     def inner_max(self, nets, x, y, ctx):
         with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .. import attacks
+from ..hparams import POSITIVE, WEIGHT
 from ..losses import accuracy, ce, kl
 from .base import Method, NetSpec, attack_hparams
 
@@ -45,6 +46,8 @@ class PeerAiD(Method):
     hparams = {"tau": 5.0, "tau_p": 1.0, "gamma1": 1.0, "gamma2": 0.1, "lambda1": 0.0, "lambda2": 1.0,
                "lambda3": 1.0, "kl_reduction": "mean", "detach_student_in_peer_kl": False,
                "detach_clean_in_self_kl": False, **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"tau": POSITIVE, "tau_p": POSITIVE, "gamma1": WEIGHT, "gamma2": WEIGHT, "lambda1": WEIGHT,
+              "lambda2": WEIGHT, "lambda3": WEIGHT}
     settings = {"swa_start": "first_decay"}  # the student's weights averaged from the first decay on
     presets = {
         "cifar10": CIFAR,
