@@ -252,8 +252,7 @@ def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str
             settings[k] = EXPERIMENT_FIELDS[k].metadata["parse"](settings[k])
     settings["dataset"] = dataset
     epochs = int(settings.get("epochs", EXPERIMENT_FIELDS["epochs"].default))
-    settings["hp"] = {k: coerce_hparam(method, k, resolve_fractions(v, epochs), cls.hparams[k], cls.choices.get(k), cls)
-                      for k, v in hps.items()}
+    settings["hp"] = {k: coerce_hparam(cls, k, resolve_fractions(v, epochs)) for k, v in hps.items()}
     if settings.get("swa_start") == "first_decay":  # PeerAiD / AKD²: average from the first learning-rate decay
         milestones = settings.get("lr_milestones") or []
         settings["swa_start"] = min(milestones) if milestones else None
@@ -273,7 +272,7 @@ def coerce_value(method: str, name: str, value: Any) -> Any:
 
     cls = get_method(method)
     if name in cls.hparams:
-        return coerce_hparam(method, name, value, cls.hparams[name], cls.choices.get(name), cls)
+        return coerce_hparam(cls, name, value)
     return coerce_setting(name, value)
 
 
@@ -286,8 +285,9 @@ def coerce_setting(name: str, value: Any) -> Any:
         raise UsageError(f"{name}={value!r}: {exc}") from None
 
 
-def coerce_hparam(method: str, name: str, value: Any, default: Any, choices: tuple | None, cls=None) -> Any:
-    """Check one method hyperparameter against the type of its default and its declared range."""
+def coerce_hparam(cls, name: str, value: Any) -> Any:
+    """One hyperparameter of method class ``cls``: the type of its default, its choices, its declared range."""
+    method, default, choices = cls.name, cls.hparams[name], cls.choices.get(name)
     where = f"--set {name}={value}"
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -315,9 +315,7 @@ def coerce_hparam(method: str, name: str, value: Any, default: Any, choices: tup
         return out
     else:
         raise UsageError(f"{where}: cannot set {name}")
-    check = getattr(cls, "check_value", None)
-    if check is not None:
-        check(name, out)
+    cls.check_value(name, out)
     return out
 
 

@@ -184,7 +184,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, d = self.cfg, self.data
         for n in self.trainable:
-            self.nets.raw(n).train()
+            self.nets._module(n).train()
             for g in self.optimizers[n].param_groups:
                 g["lr"] = lr_at(cfg, epoch)
         ctx = self.step_context(epoch)
@@ -195,7 +195,7 @@ class Trainer:
                                   epoch=epoch, rank=self.s.rank, world_size=self.s.world_size, augment=True,
                                   crop_pad=d.crop_pad, hflip=d.hflip, device=self.device)
         for i, (x, y) in enumerate(batches):
-            ctx.epoch = ctx.hp.epoch = epoch + i / n_batches
+            ctx.epoch = epoch + i / n_batches  # held by ctx.hp, which evaluates the schedules at it
             self.hooks("on_batch", self, epoch, i, n_batches)
             losses = self.train_step(x, y, ctx)
             for k, v in losses.items():
@@ -236,8 +236,7 @@ class Trainer:
 
     def step_context(self, epoch: float = 0.0) -> StepContext:
         cfg = self.cfg
-        hp = HP(cfg.hp, epoch)
-        return StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=hp, epoch=epoch)
+        return StepContext(eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps, hp=HP(cfg.hp, epoch))
 
     def sync_buffers(self) -> None:
         """BatchNorm statistics from rank 0 to every rank, so all ranks validate and save one model
@@ -245,7 +244,7 @@ class Trainer:
         if self.s.world_size == 1 or not dist.is_initialized():
             return
         for n in self.trainable:
-            for b in self.nets.raw(n).buffers():
+            for b in self.nets._module(n).buffers():
                 dist.broadcast(b.data, src=0)
 
     # ------------------------------------------------------------------ evaluation
@@ -267,11 +266,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         d = self.data
         if len(self.students) == 1:
-            out = self.robust_eval(self.nets.raw(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
+            out = self.robust_eval(self.nets._module(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
         else:  # every student reported; the most robust one is selected
             out = {}
             for n in self.students:
-                out.update(self.robust_eval(self.nets.raw(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
+                out.update(self.robust_eval(self.nets._module(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
             self.selected = max(self.students, key=lambda n: out[f"val/{n}_pgd10_acc"])
             out["val/clean_acc"] = out[f"val/{self.selected}_clean_acc"]
             out["val/pgd10_acc"] = out[f"val/{self.selected}_pgd10_acc"]
@@ -285,15 +284,15 @@ class Trainer:
         ctx = self.step_context(len(self.state.history))
         xs, ys = self.shard(self.data.val_x, self.data.val_y)
         sums: dict[str, float] = {}
-        modes = {n: self.nets.raw(n).training for n in self.nets.names()}
+        modes = {n: self.nets._module(n).training for n in self.nets.names()}
         for n in self.nets.names():
-            self.nets.raw(n).eval()
+            self.nets._module(n).eval()
         for x, y in iterate_batches(xs, ys, max(256, self.per_worker_batch), shuffle=False, seed=0, epoch=0,
                                     device=self.device):
             for k, v in self.method.diagnostics(self.nets, x, y, ctx).items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
         for n, was in modes.items():
-            self.nets.raw(n).train(was)
+            self.nets._module(n).train(was)
         names = sorted(sums)
         if not names:
             return {}
@@ -328,7 +327,7 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.sync_buffers()
             if self.swa is not None and epoch >= cfg.swa_start:
-                self.swa.update_parameters(self.nets.raw("student"))
+                self.swa.update_parameters(self.nets._module("student"))
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
             # the best checkpoint by validation PGD-10: the student or its weight average
@@ -362,7 +361,7 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test-split figures of the best-PGD-10 student (and of the averaged student)."""
         cfg, d, best = self.cfg, self.data, self.state.best
-        model = copy.deepcopy(self.nets.raw(best["student"]))
+        model = copy.deepcopy(self.nets._module(best["student"]))
         if best["state_dict"] is not None:
             model.load_state_dict(best["state_dict"])
         model.eval()

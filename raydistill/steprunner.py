@@ -78,7 +78,7 @@ class StepRunner:
             opt.step()
 
     def network(self, name: str) -> nn.Module:
-        return self._trainer.nets.raw(name)
+        return self._trainer.nets._module(name)
 
     def modules(self) -> Iterator[tuple[str, nn.Module]]:
         for name in self.specs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pickle
 
 import pytest
@@ -52,6 +53,24 @@ def test_config_precedence_defaults_preset_flags_set():
     assert build_config("natural", args("--workers", "0")).placement.in_process
 
 
+def test_a_trial_is_the_top_layer_and_ranges_hold_in_every_layer():
+    from raydistill.config import resolve
+
+    cfg = resolve("trades", {"epochs": 10, "lr": 0.2}, {"beta": "2"}, trial={"beta": 3.0, "lr": 0.01})
+    assert cfg.hp["beta"] == 3.0 and cfg.lr == 0.01 and cfg.epochs == 10  # the trial wins over flags and --set
+    ramp = resolve("trades", {"epochs": 10}, trial={"beta": {"kind": "linear", "start": 0.0, "end": 6.0,
+                                                             "from_frac": 0.0, "to_frac": 0.5}}).hp["beta"]
+    assert ramp(5) == 6.0  # fractions of the run's epochs become epochs
+    with pytest.raises(UsageError, match="tau of peeraid must be > 0"):
+        resolve("peeraid", trial={"tau": -1.0})
+    with pytest.raises(UsageError, match="lr"):
+        resolve("trades", trial={"lr": -0.1})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3  # frozen: a launcher fills placement with dataclasses.replace
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.placement.name = "x"
+
+
 def test_config_round_trips_through_dict():
     cfg = build_config("trades", args("--set", "beta=step(1,6,2)"))
     again = TrainConfig.from_dict(cfg.to_dict())
@@ -69,6 +88,8 @@ def test_config_round_trips_through_dict():
     (["--eps", "2"], "pixel scale"),
     (["--teacher", "/nonexistent/ckpt"], "does not exist"),
     (["--lr-milestones", "a,b"], "--lr-milestones"),
+    (["--set", "beta=-1"], "beta of trades must be >= 0"),  # the declared range, not only the type
+    (["--set", "beta=step(-2,6,3)"], "must be >= 0 at every epoch"),
 ])
 def test_config_errors_name_the_bad_value(argv, needle):
     with pytest.raises(UsageError, match=None) as exc:

@@ -192,7 +192,7 @@ def test_fast_path_pgd20_accuracy_of_a_fixed_model_within_half_a_point(tmp_path)
     trainer.setup()
     for epoch in range(cfg.epochs):
         trainer.train_epoch(epoch)
-    model = trainer.nets.raw("student").eval()
+    model = trainer.nets._module("student").eval()
     d = load_dataset("digits", val_size=0)
     x, y = torch.cat([d.train_x, d.test_x]), torch.cat([d.train_y, d.test_y])
     kw = dict(eps=cfg.eps, step_size=cfg.step_size, batch_size=512)

@@ -92,7 +92,7 @@ def setup(name: str, epoch: float = 0.0, eps: float = 0.1, step_size: float = 0.
         if not s.trainable:
             mods[s.name].requires_grad_(False).eval()
     values = dict(cls.hparams, **hp)
-    ctx = StepContext(eps=eps, step_size=step_size, attack_steps=steps, hp=HP(values, epoch), epoch=epoch)
+    ctx = StepContext(eps=eps, step_size=step_size, attack_steps=steps, hp=HP(values, epoch))
     return method, Nets(mods, mods, specs), ctx, Counter(mods)
 
 
@@ -240,7 +240,7 @@ def test_one_backward_reaches_the_student_only(name):
     losses, _, _, nets = outer(name, epoch=100.0, adv=adv, **every_term)
     sum(losses.values()).backward()
     for n in nets.names():
-        grads = [p.grad for p in nets.raw(n).parameters()]
+        grads = [p.grad for p in nets._module(n).parameters()]
         if n == "student":
             assert all(g is not None and g.abs().sum() > 0 for g in grads)
         else:
@@ -281,6 +281,19 @@ def test_adaad_attack_differentiates_through_the_teacher():
     assert not torch.allclose(x_adv, step(teacher_grad=False))  # the check can tell the two apart
 
 
+def test_frozen_teachers_only_through_frozen_and_attacking():
+    """A frozen teacher is no attribute of nets: constant logits from frozen(), and inside attacking()
+    the bare module as it is (eval(), whatever bn) beside the student in the attack's mode."""
+    method, nets, ctx, _ = setup("adaad")
+    with pytest.raises(AttributeError, match="nets.teacher is a frozen network: .*OfflineMethod.frozen"):
+        nets.teacher(tensor(X))
+    t = method.frozen(nets, "teacher", tensor(X))
+    assert not t.requires_grad and np.allclose(t.numpy(), T)
+    with method.attacking(nets, ["student", "teacher"], "train") as (s, t):
+        assert s is nets._module("student") and t is nets._module("teacher")
+        assert s.training and not t.training
+
+
 def test_adaad_radius_scales_only_the_training_attack():
     method, nets, ctx, _ = setup("adaad", eps=0.05, step_size=0.05, steps=1, radius=2.0)
     x_adv = method.inner_max(nets, tensor(X), torch.tensor(Y), ctx)["x_adv"]
@@ -304,10 +317,10 @@ def test_student_attack_modes(name):
     """The student's CE attack runs in the chosen BN mode and restores train() after."""
     method, nets, ctx, _ = setup(name, bn_mode="eval")
     seen = []
-    nets.raw("student").register_forward_pre_hook(lambda m, _: seen.append(m.training))
-    nets.raw("student").train()
+    nets._module("student").register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    nets._module("student").train()
     x_adv = method.inner_max(nets, tensor(X), torch.tensor(Y), ctx)["x_adv"]
-    assert seen == [False] and nets.raw("student").training
+    assert seen == [False] and nets._module("student").training
     assert (x_adv - tensor(X)).abs().max() <= ctx.eps + 1e-12
 
 

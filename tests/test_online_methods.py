@@ -19,7 +19,8 @@ from torch import nn
 
 from raydistill.config import TrainConfig, build_config
 from raydistill.errors import UsageError
-from raydistill.methods import HP, Nets, StepContext, get_method
+from raydistill.losses import ce
+from raydistill.methods import HP, Method, NetSpec, Nets, StepContext, get_method
 from raydistill.methods.aka import amalgamate, amalgamation_weights, pareto_weights
 
 from conftest import cli, fixed_linear, run_args, summary
@@ -145,7 +146,7 @@ def test_peeraid_detach_switches(detach):
     the peer's soft label is always a constant in the student's terms."""
     x = tensor(X, requires_grad=True)
     losses, _, nets = peeraid_outer(x=x, detach_student_in_peer_kl=detach, detach_clean_in_self_kl=detach)
-    student, peer = list(nets.raw("student").parameters()), list(nets.raw("peer").parameters())
+    student, peer = list(nets._module("student").parameters()), list(nets._module("peer").parameters())
     grads = torch.autograd.grad(losses["peer_kl"], student, allow_unused=True, retain_graph=True)
     assert all((g is None) == detach for g in grads)
     (gx,) = torch.autograd.grad(losses["student_self_kl"], x, allow_unused=True, retain_graph=True)
@@ -156,11 +157,11 @@ def test_peeraid_detach_switches(detach):
 def test_peeraid_inner_max():
     """Target P(x) from the peer in eval() (one forward, no graph); the student attacked in bn_mode."""
     method, nets, ctx, count = setup("peeraid", steps=2)
-    for m in nets.raw("student"), nets.raw("peer"):
+    for m in nets._module("student"), nets._module("peer"):
         m.train()
     x_adv = method.inner_max(nets, tensor(X), torch.tensor(Y), ctx)["x_adv"]
     assert count.modes == {"peer": [False], "student": [False, False]}
-    assert nets.raw("student").training and nets.raw("peer").training
+    assert nets._module("student").training and nets._module("peer").training
     assert (x_adv - tensor(X)).abs().max() <= ctx.eps + 1e-12 and not x_adv.requires_grad
     method.inner_max(nets, tensor(X), torch.tensor(Y), setup("peeraid", bn_mode="train")[2])
     assert count.modes["student"][-1] is True and count.modes["peer"][-1] is False
@@ -175,6 +176,30 @@ def test_peeraid_diagnostics():
     method, nets, ctx, _ = setup("peeraid", eps=0.5, step_size=0.2, steps=3)
     out = method.diagnostics(nets, tensor(X), torch.tensor(Y), ctx)
     assert out["peer_acc_on_own_adv"].tolist() == [0.0, 0.0]  # a linear peer at eps 0.5 falls to its own PGD
+
+
+class BareOutsideAttack(Method):
+    """A method that (wrongly) trains through the bare module instead of the wrapped forward."""
+
+    def outer_min(self, nets, x, y, adv, ctx):
+        return {"ce": ce(nets.raw("student")(x), y)}
+
+
+def test_bare_modules_only_inside_attacking():
+    """Methods train through the wrapped networks; the bare modules come only from attacking()."""
+    specs = [NetSpec("student", "small_cnn"), NetSpec("peer", "small_cnn")]
+    bare = {n: linear(n) for n in ("student", "peer")}
+    wrapped = {n: nn.Sequential(m) for n, m in bare.items()}  # stands for the DDP wrapper
+    nets = Nets(wrapped, bare, specs)
+    assert nets.student is wrapped["student"] and nets.peer is wrapped["peer"]
+    method = BareOutsideAttack(TrainConfig(method="natural", student="small_cnn"))
+    with pytest.raises(AttributeError, match=r"nets.raw is not for methods: .*Method.attacking"):
+        method.outer_min(nets, tensor(X), torch.tensor(Y), {}, StepContext(0.1, 0.05, 1, HP({})))
+    for m in bare.values():
+        m.train()
+    with method.attacking(nets, ["peer", "student"], "eval") as (p, s):
+        assert p is bare["peer"] and s is bare["student"] and not (p.training or s.training)
+    assert bare["peer"].training and bare["student"].training
 
 
 def test_peeraid_networks():
@@ -304,10 +329,10 @@ def test_at_aka_gradients(rule):
     losses, _, nets = aka_outer("at_aka", amalgamation=rule)
     distill = losses["kl" if rule == "pareto" else "mse"]
     for i in range(3):
-        teacher = list(nets.raw(f"teacher{i}").parameters())
+        teacher = list(nets._module(f"teacher{i}").parameters())
         assert all(g is None for g in torch.autograd.grad(distill, teacher, allow_unused=True, retain_graph=True))
         assert all(g is not None for g in torch.autograd.grad(losses["teacher_ce"], teacher, retain_graph=True))
-    assert all(g is None for g in torch.autograd.grad(losses["teacher_ce"], list(nets.raw("student").parameters()),
+    assert all(g is None for g in torch.autograd.grad(losses["teacher_ce"], list(nets._module("student").parameters()),
                                                       allow_unused=True))
 
 
@@ -320,7 +345,7 @@ def test_cat_aka_losses(rule):
                    "mse": 0.25 * sum(((ZP[i] - z_s) ** 2).sum(axis=1).mean() for i in range(3)) / C})
     assert count.n == {"student0": 1, "student1": 1, "student2": 1}
     # z_S is a constant: student i's distillation gradient is that of α||z_Si - z_S||² alone
-    lin = nets.raw("student1")[1]
+    lin = nets._module("student1")[1]
     (g,) = torch.autograd.grad(losses["mse"], lin.bias)
     assert np.allclose(g.numpy(), 0.25 * (2 * (ZP[1] - z_s)).mean(axis=0) / C)
 
@@ -352,13 +377,13 @@ def test_aka_config_errors():
 def test_aka_inner_max_and_diagnostics(name):
     method, nets, ctx, count = setup(name, svgd_steps=3, eps=0.1, step_size=0.02)
     for n in nets.names():
-        nets.raw(n).train()
+        nets._module(n).train()
     xs = method.inner_max(nets, tensor(X), torch.tensor(Y), ctx)["x_particles"]
     assert xs.shape == (3, 2, 1, 2, 2) and not xs.requires_grad
     assert (xs - tensor(X)).abs().max() <= 0.1 + 1e-12 and xs.min() >= 0 and xs.max() <= 1
     members = [n for n in nets.names() if n != "student"]
     assert all(count.n[m] == 3 and count.modes[m] == [False] * 3 for m in members)  # own target: one pass each
-    assert all(nets.raw(n).training for n in nets.names())
+    assert all(nets._module(n).training for n in nets.names())
     out = method.diagnostics(nets, tensor(X), torch.tensor(Y), ctx)
     assert set(out) == {f"{a}_{b}" for a in ("svgd", "pgd") for b in ("pairwise_linf", "pairwise_l2", "particle_loss")}
     assert all(v.shape == (2,) for v in out.values())
@@ -367,7 +392,7 @@ def test_aka_inner_max_and_diagnostics(name):
 
 def test_aka_ensemble_target_scores_each_particle_by_every_network():
     method, nets, *_ = setup("at_aka", svgd_target="ensemble")
-    models = [nets.raw(f"teacher{i}") for i in range(3)]
+    models = [nets._module(f"teacher{i}") for i in range(3)]
     got = method.particle_losses(models, torch.tensor(Y), "ensemble")(tensor(XP)).detach()
     expected = np.mean([[ce_rows(logits(f"net{i}", XP[j]), Y) for j in range(3)] for i in range(3)], axis=0)
     assert np.allclose(got.numpy(), expected)

@@ -53,6 +53,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("params: {beta: {float: [3, 2]}}\n", "params.beta.float: low 3 is above high 2"),
     ("params: {gamma: {float: [1, 2]}}\n", "gamma: trades has no hyperparameter 'gamma'"),
     ("params: {beta: {float: [0, 2], log: true}}\n", "params.beta.log: a log scale needs low > 0"),
+    ("params: {beta: {float: [-1, 2]}}\n", "beta of trades must be >= 0"),  # ranges, not only types
+    ("params: {beta: {schedule: {kind: [linear], value: 2.0, start: -1.0}}}\n", "beta of trades must be >= 0"),
     ("params: {beta: {uniform: [0, 2]}}\n", "params.beta: expected exactly one of"),
     ("params: {beta: {float: [1, 2], when: {kl_reduction: mean}}}\n", "'kl_reduction' is not a parameter listed before"),
     ("params: {beta: {float: [1, 2]}}\nextra: 1\n", "extra: unknown key"),

@@ -6,7 +6,8 @@ and, for AKD² and IAD-II, ``--natural-teacher`` (naturally trained, ``teacher_n
 raydistill checkpoint folder records its architecture; an external state_dict needs
 ``--teacher-arch`` / ``--natural-teacher-arch``. They stay in eval() with ``requires_grad``
 off and are never DDP-wrapped; methods call them through :meth:`OfflineMethod.frozen`
-(no autograd graph at all) except where an attack needs input gradients through them (AdaAD).
+(no autograd graph at all) except where an attack needs input gradients through them (AdaAD):
+there ``Method.attacking`` yields them, as they are, beside the attacked student.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class OfflineMethod(Method):
     def frozen(nets, name: str, x: torch.Tensor) -> torch.Tensor:
         """Logits of the frozen network ``name`` at ``x``, as a constant target (no autograd graph)."""
         with torch.no_grad():
-            return nets.raw(name)(x)
+            return nets._module(name)(x)
 
     def student_pgd(self, nets, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         """x~ = argmax CE(S(x~), y): the student's own PGD (ARD, AKD², IAD), in BN mode ``hp.bn_mode``."""
@@ -63,6 +64,8 @@ class OfflineMethod(Method):
 
     def diagnostics(self, nets, x, y, ctx):
         """val/teacher_acc_on_student_adv: the teacher's accuracy on PGD examples of the student
-        (CE, uniform start, the run's eps): how reliable the teacher's guidance is (IAD, Fig. 1)."""
-        x_adv = self.pgd(attacks.ce_loss(nets.raw("student"), y), x, ctx)
+        (CE, uniform start, the run's eps, student in eval()): how reliable the teacher's guidance is
+        (IAD, Fig. 1)."""
+        with self.attacking(nets, ["student"], "eval") as (s,):
+            x_adv = self.pgd(attacks.ce_loss(s, y), x, ctx)
         return {"teacher_acc_on_student_adv": accuracy(self.frozen(nets, "teacher", x_adv), y)}

@@ -24,9 +24,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .. import attacks
-from ..losses import REDUCTIONS, kl
+from ..hparams import FRACTION, POSITIVE
+from ..losses import kl
 from ._teachers import OfflineMethod
-from .iad import INTROSPECTION, introspection, reliability, warming_up
+from .base import attack_hparams
+from .iad import INTROSPECTION, INTROSPECTION_RANGES, introspection, reliability, warming_up
 
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
 
@@ -34,15 +36,15 @@ CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
 class AdaAD(OfflineMethod):
     name = "adaad"
     introspective: ClassVar[bool] = False  # AdaIAD
-    hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean", "bn_mode": "eval",
-               "random_start": "normal"}
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
+    hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean",
+               **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"alpha": FRACTION, "tau": POSITIVE, "radius": POSITIVE}  # alpha: Eq. 11's convex combination
     presets = {"cifar10": CIFAR, "cifar100": {**CIFAR, "hp": {"kl_reduction": "batchmean"}}}
 
     def inner_max(self, nets, x, y, ctx):
         r = ctx.hp.radius
-        with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):
-            x_adv = attacks.pgd(attacks.kl_between(nets.raw("teacher"), s), x, eps=r * ctx.eps,
+        with self.attacking(nets, ["student", "teacher"], ctx.hp.bn_mode) as (s, t):  # T stays in eval()
+            x_adv = attacks.pgd(attacks.kl_between(t, s), x, eps=r * ctx.eps,
                                 step_size=r * ctx.step_size, steps=ctx.attack_steps, random_start=ctx.hp.random_start)
         return {"x_adv": x_adv}
 
@@ -66,4 +68,5 @@ class AdaIAD(AdaAD):
     name = "adaiad"
     introspective = True
     hparams = {**AdaAD.hparams, "tau": 30.0, "kl_reduction": "batchmean", "warmup": 60, **INTROSPECTION}
+    ranges = {**AdaAD.ranges, **INTROSPECTION_RANGES}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}

@@ -50,9 +50,10 @@ import torch.nn.functional as F
 
 from .. import attacks
 from ..errors import UsageError
+from ..hparams import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, WEIGHT
 from ..losses import REDUCTIONS, ce, kl_to_probs, reduce
 from ..svgd import ParticleObjective, pairwise_distance, svgd
-from .base import Method, NetSpec
+from .base import Method, NetSpec, attack_hparams
 
 LOGIT_RULES = ("naive", "linear", "soft")
 CIFAR = {"epochs": 300, "lr_milestones": [200, 250, 270], "weight_decay": 2e-4,
@@ -128,9 +129,12 @@ class AKAMethod(Method):
     size: ClassVar[str] = ""  # the hyperparameter that holds n
     hparams = {"alpha": 0.5, "amalgamation": "soft", "beta": 1.0, "mse_reduction": "mean",
                "svgd_steps": 20, "svgd_step": 0.0, "svgd_gamma": 1.0, "svgd_bandwidth": "median",
-               "svgd_sigma": 1e-3, "svgd_target": "own", "bn_mode": "eval"}
+               "svgd_sigma": 1e-3, "svgd_target": "own", **attack_hparams(bn_mode="eval")}
     choices = {"amalgamation": LOGIT_RULES, "mse_reduction": REDUCTIONS, "svgd_bandwidth": ("median", "fixed"),
-               "svgd_target": ("own", "ensemble"), "bn_mode": ("eval", "train")}
+               "svgd_target": ("own", "ensemble")}
+    # alpha: (1 - α) · CE + α · MSE; beta: soft ψ's inverse temperature (0: equal weights); svgd_step 0: --step-size
+    ranges = {"alpha": FRACTION, "beta": NON_NEGATIVE, "svgd_steps": AT_LEAST_ONE, "svgd_step": NON_NEGATIVE,
+              "svgd_gamma": WEIGHT, "svgd_sigma": POSITIVE}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}
 
     @classmethod
@@ -183,6 +187,7 @@ class ATAKA(AKAMethod):
     name = "at_aka"
     members, size = "teacher", "n_teachers"
     hparams = {"n_teachers": 3, **AKAMethod.hparams}
+    ranges = {"n_teachers": AT_LEAST_ONE, **AKAMethod.ranges}
     choices = {**AKAMethod.choices, "amalgamation": LOGIT_RULES + ("pareto",)}
 
     def networks(self):
@@ -209,6 +214,7 @@ class CATAKA(AKAMethod):
     name = "cat_aka"
     members, size = "student", "n_students"
     hparams = {"n_students": 3, **AKAMethod.hparams}
+    ranges = {"n_students": AT_LEAST_ONE, **AKAMethod.ranges}
 
     def networks(self):
         return [NetSpec(n, self.cfg.student) for n in self.names()]

@@ -14,8 +14,10 @@ intended schedule.
 """
 from __future__ import annotations
 
-from ..losses import REDUCTIONS, ce, kl
+from ..hparams import POSITIVE, WEIGHT
+from ..losses import ce, kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4}  # intended schedule
 TINY = {"epochs": 100, "lr_milestones": [50, 80], "weight_decay": 5e-4}
@@ -25,9 +27,9 @@ class AKD2(OfflineMethod):
     name = "akd2"
     uses_natural_teacher = True
     hparams = {"lambda1": 0.25, "lambda2": 0.5, "lambda3": 0.25, "tau": 1.0, "kl_reduction": "batchmean",
-               "bn_mode": "train", "random_start": "uniform", "teacher_input": "adv"}
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
-               "teacher_input": ("clean", "adv")}
+               **attack_hparams(bn_mode="train", random_start="uniform"), "teacher_input": "adv"}
+    choices = {"teacher_input": ("clean", "adv")}
+    ranges = {"lambda1": WEIGHT, "lambda2": WEIGHT, "lambda3": WEIGHT, "tau": POSITIVE}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR, "tinyimagenet": TINY}
 
     def inner_max(self, nets, x, y, ctx):

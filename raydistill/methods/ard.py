@@ -13,18 +13,20 @@ reproduces the code's.
 """
 from __future__ import annotations
 
-from ..losses import REDUCTIONS, ce, kl
+from ..hparams import FRACTION, POSITIVE
+from ..losses import ce, kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4}  # intended schedule, see above
 
 
 class ARD(OfflineMethod):
     name = "ard"
-    hparams = {"alpha": 1.0, "tau": 30.0, "kl_reduction": "mean", "bn_mode": "train", "random_start": "uniform",
-               "teacher_input": "clean"}
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
-               "teacher_input": ("clean", "adv")}
+    hparams = {"alpha": 1.0, "tau": 30.0, "kl_reduction": "mean",
+               **attack_hparams(bn_mode="train", random_start="uniform"), "teacher_input": "clean"}
+    choices = {"teacher_input": ("clean", "adv")}
+    ranges = {"alpha": FRACTION, "tau": POSITIVE}  # alpha: (1 - alpha) * CE + alpha * KL
     presets = {
         "cifar10": CIFAR,
         "cifar100": CIFAR,

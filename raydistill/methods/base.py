@@ -2,8 +2,10 @@
 
 A method is one small class:
 
-* ``hparams`` / ``choices``: its hyperparameters (names as in METHODS.md) with defaults; any float
-  may be given a schedule (``linear(...)``, ``step(...)``);
+* ``hparams`` / ``choices`` / ``ranges``: its hyperparameters (names as in METHODS.md) with
+  defaults, the choices of the string ones (the shared ``bn_mode`` / ``random_start`` /
+  ``kl_reduction`` ones are declared once here, SHARED_CHOICES) and the valid range of every
+  numeric one (raydistill.hparams); any float may be given a schedule (``linear(...)``, ``step(...)``);
 * ``presets``: per dataset, the paper's (or authors' code's) published setting;
 * ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
 * ``inner_max()``: how it makes its adversarial inputs this step;
@@ -11,6 +13,13 @@ A method is one small class:
 * ``diagnostics()``: optional per-sample quantities averaged over the validation set each epoch.
 
 The loop (raydistill.engine) owns devices, DDP, optimizers, schedules, checkpoints and logging.
+
+How a method reaches its networks (one way for each use):
+
+* training forwards: ``nets.student(x)`` (any trained network by name; DDP-wrapped when distributed);
+* attacks: the bare modules, only inside ``with self.attacking(nets, names, bn) as modules:``;
+* frozen pretrained teachers: constant logits from ``OfflineMethod.frozen(nets, name, x)``, and
+  input gradients through them only inside ``attacking()`` (AdaAD).
 """
 from __future__ import annotations
 
@@ -22,7 +31,22 @@ import torch
 from torch import nn
 
 from .. import attacks, fastpath
-from ..schedules import value_at
+from ..errors import UsageError
+from ..hparams import Range
+from ..losses import REDUCTIONS
+from ..schedules import Schedule, value_at
+
+# The choices of the hyperparameters several methods share, declared once: every Method gets those
+# of them it has among its hparams (a class's own ``choices`` entry wins). The repos differ in both
+# attack settings (METHODS.md): BatchNorm mode while attacking, and the PGD start, uniform in the
+# ball or x + 0.001·N(0, 1); and in the KL's reduction, sum over classes / B or mean over B·C.
+SHARED_CHOICES: dict[str, tuple] = {"bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
+                                    "kl_reduction": REDUCTIONS}
+
+
+def attack_hparams(bn_mode: str, random_start: str | None = None) -> dict[str, str]:
+    """A method's defaults for the training attack's BatchNorm mode and (PGD methods) random start."""
+    return {"bn_mode": bn_mode} if random_start is None else {"bn_mode": bn_mode, "random_start": random_start}
 
 
 @dataclass
@@ -37,30 +61,41 @@ class NetSpec:
     flag: str = ""  # the CLI flag that names the checkpoint, for error messages
 
 
-class Nets:
-    """The method's networks. ``nets.student`` is the training forward (DDP-wrapped when
-    distributed); ``nets.raw('student')`` is the bare module, used by attacks and eval forwards
-    (attacks take input gradients only, so they never touch DDP's gradient hooks)."""
+_ACCESS = ("methods reach bare modules only inside Method.attacking(nets, names, bn), a frozen network's "
+           "logits through OfflineMethod.frozen(nets, name, x), and train through nets.<name>(x)")
 
-    def __init__(self, wrapped: dict[str, nn.Module], raw: dict[str, nn.Module], specs: list[NetSpec]):
-        self._wrapped, self._raw = wrapped, raw
+
+class Nets:
+    """The method's networks. ``nets.student`` (any trained network by name) is the training forward,
+    DDP-wrapped when distributed. The bare modules (used by attacks, which take input gradients only
+    and so never touch DDP's gradient hooks) and the frozen networks are not attributes: methods get
+    them from :meth:`Method.attacking` and ``OfflineMethod.frozen``; the loop (engine, bench) from the
+    private ``nets._module(name)``."""
+
+    def __init__(self, wrapped: dict[str, nn.Module], modules: dict[str, nn.Module], specs: list[NetSpec]):
+        self._wrapped, self._modules = wrapped, modules
         self.specs = {s.name: s for s in specs}
 
     def __getattr__(self, name: str) -> nn.Module:
-        try:
+        spec = self.__dict__.get("specs", {}).get(name)
+        if spec is not None and spec.trainable:
             return self.__dict__["_wrapped"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+        if spec is not None:
+            raise AttributeError(f"nets.{name} is a frozen network: {_ACCESS}")
+        if name == "raw":
+            raise AttributeError(f"nets.raw is not for methods: {_ACCESS}")
+        raise AttributeError(name)
 
-    def raw(self, name: str) -> nn.Module:
-        return self._raw[name]
+    def _module(self, name: str) -> nn.Module:
+        """The bare module ``name`` (never DDP-wrapped): for the loop only (state, modes, evaluation)."""
+        return self._modules[name]
 
     def names(self, trainable: bool | None = None) -> list[str]:
         return [n for n, s in self.specs.items() if trainable is None or s.trainable == trainable]
 
 
 class HP:
-    """Attribute view of the hyperparameters at the current (fractional) epoch."""
+    """Attribute view of the hyperparameters at the current (fractional) epoch, which it holds."""
 
     def __init__(self, values: dict[str, Any], epoch: float = 0.0):
         self._values, self.epoch = values, epoch
@@ -80,8 +115,16 @@ class StepContext:
     step_size: float
     attack_steps: int
     hp: HP
-    epoch: float = 0.0
     stats: dict = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> float:
+        """The (fractional) epoch of this step, held once: by ``hp``, which evaluates the schedules at it."""
+        return self.hp.epoch
+
+    @epoch.setter
+    def epoch(self, value: float) -> None:
+        self.hp.epoch = value
 
     def record(self, name: str, per_sample: torch.Tensor) -> None:
         """Accumulate a per-sample training statistic, logged per epoch as train/<name>."""
@@ -93,14 +136,41 @@ class Method:
     name: ClassVar[str] = ""
     hparams: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
+    ranges: ClassVar[dict[str, Range]] = {}  # every int / float hyperparameter's valid values
     presets: ClassVar[dict[str, dict]] = {}
     # training settings the method always starts from, on every dataset (below its presets and flags)
     settings: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.choices = {**{k: v for k, v in SHARED_CHOICES.items() if k in cls.hparams}, **cls.choices}
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     # ---- declarations
+    @classmethod
+    def check_value(cls, name: str, value) -> None:
+        """Raise UsageError unless ``value`` of the hyperparameter ``name`` lies in ``cls.ranges[name]``.
+
+        ``value`` is a number or a :class:`~raydistill.schedules.Schedule`, whose every value (it
+        runs between its two endpoints) must lie in the range. Names without a range (strings,
+        booleans) and values of other types pass: their type is the configuration's check. The
+        message is one line, ``--set NAME=VALUE: NAME of METHOD must be RANGE``, e.g.
+        ``--set tau=-1: tau of peeraid must be > 0``, and for a schedule
+        ``--set alpha=linear(-1,5,0,10): alpha of rslad must be in [0, 1] at every epoch (it takes -1)``.
+        """
+        rng = cls.ranges.get(name)
+        if rng is None or isinstance(value, bool):
+            return
+        if isinstance(value, Schedule):
+            bad = [v for v in (value.a, value.b) if not rng.contains(v)]
+            if bad:
+                raise UsageError(f"--set {name}={value}: {name} of {cls.name} must be {rng} at every epoch "
+                                 f"(it takes {bad[0]:g})")
+        elif isinstance(value, (int, float)) and not rng.contains(value):
+            raise UsageError(f"--set {name}={value:g}: {name} of {cls.name} must be {rng}")
+
     @classmethod
     def validate_config(cls, cfg) -> None:
         """Raise UsageError for settings this method cannot run with (before anything starts)."""
@@ -131,6 +201,10 @@ class Method:
     @staticmethod
     @contextmanager
     def attacking(nets: Nets, names: list[str], bn: str) -> Iterator[list[nn.Module]]:
-        """The bare modules ``names`` in BatchNorm mode ``bn`` ('eval' | 'train') for an attack."""
-        with fastpath.attack_views([nets.raw(n) for n in names], bn) as mods:
-            yield mods
+        """The bare modules ``names`` for an attack: the trained networks in BatchNorm mode ``bn``
+        ('eval' | 'train'; their fast-path attack views, see raydistill.fastpath), frozen networks
+        (teachers) as they always are, in eval(). Modes are restored on exit."""
+        trained = [n for n in names if nets.specs[n].trainable]
+        with fastpath.attack_views([nets._module(n) for n in trained], bn) as views:
+            view = dict(zip(trained, views))
+            yield [view[n] if n in view else nets._module(n) for n in names]

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from .. import attacks
+from ..hparams import WEIGHT
 from ..losses import ce, kl
-from .base import Method
+from .base import Method, attack_hparams
 
 
 class Natural(Method):
@@ -24,8 +25,7 @@ class PGDAT(Method):
     """Madry PGD-AT: min CE(S(x*), y), x* = argmax_{||x'-x||<=eps} CE(S(x'), y)."""
 
     name = "pgd_at"
-    hparams = {"bn_mode": "eval", "random_start": "uniform"}
-    choices = {"bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
+    hparams = attack_hparams(bn_mode="eval", random_start="uniform")
 
     def inner_max(self, nets, x, y, ctx):
         with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):
@@ -43,9 +43,8 @@ class TRADES(Method):
     """
 
     name = "trades"
-    hparams = {"beta": 6.0, "kl_reduction": "batchmean", "bn_mode": "eval", "random_start": "normal"}
-    choices = {"kl_reduction": ("batchmean", "mean"), "bn_mode": ("eval", "train"),
-               "random_start": ("uniform", "normal")}
+    hparams = {"beta": 6.0, "kl_reduction": "batchmean", **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"beta": WEIGHT}
 
     def inner_max(self, nets, x, y, ctx):
         with self.attacking(nets, ["student"], ctx.hp.bn_mode) as (s,):

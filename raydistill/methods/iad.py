@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import REDUCTIONS, ce, kl
+from ..hparams import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, WEIGHT
+from ..losses import ce, kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 
 INTROSPECTION = {"beta": 0.1, "gamma": 1.0, "tau_self": 1.0, "detach_clean": False}
+# beta: the exponent of alpha_i (0: alpha_i = 1, the teacher fully trusted); gamma: the term's weight
+INTROSPECTION_RANGES = {"warmup": COUNT, "beta": NON_NEGATIVE, "gamma": WEIGHT, "tau_self": POSITIVE}
 CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4}  # intended schedule
 TINY = {"epochs": 100, "lr_milestones": [50, 80], "weight_decay": 5e-4}
-ATTACK = {"bn_mode": "train", "random_start": "uniform"}
-CHOICES = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
-           "teacher_input": ("clean", "adv")}
+ATTACK = attack_hparams(bn_mode="train", random_start="uniform")
+CHOICES = {"teacher_input": ("clean", "adv")}
 
 
 def warming_up(ctx) -> bool:
@@ -70,6 +73,7 @@ class IAD1(OfflineMethod):
     hparams = {"lambda": 0.0, "tau": 1.0, "warmup": 60, **INTROSPECTION, "kl_reduction": "batchmean", **ATTACK,
                "teacher_input": "clean"}
     choices = CHOICES
+    ranges = {"lambda": FRACTION, "tau": POSITIVE, **INTROSPECTION_RANGES}  # lambda * CE + (1 - lambda) * [...]
     presets = {
         "cifar10": {**CIFAR, "hp": {"warmup": 60}},
         "cifar100": {**CIFAR, "hp": {"warmup": 80}},
@@ -105,6 +109,7 @@ class IAD2(OfflineMethod):
                **INTROSPECTION, "gamma": 0.5,  # the code's lambda2 * (1 - alpha_i); Eq. 3: gamma = 1
                "kl_reduction": "batchmean", **ATTACK, "teacher_input": "adv"}
     choices = CHOICES
+    ranges = {"lambda1": WEIGHT, "lambda2": WEIGHT, "lambda3": WEIGHT, "tau": POSITIVE, **INTROSPECTION_RANGES}
     presets = {
         "cifar10": {**CIFAR, "hp": {"warmup": 40}},
         "cifar100": {**CIFAR, "hp": {"warmup": 80}},

@@ -32,8 +32,9 @@ from __future__ import annotations
 import torch
 
 from .. import attacks
-from ..losses import REDUCTIONS, accuracy, ce, kl
-from .base import Method, NetSpec
+from ..hparams import POSITIVE, WEIGHT
+from ..losses import accuracy, ce, kl
+from .base import Method, NetSpec, attack_hparams
 
 CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4}
 
@@ -44,9 +45,10 @@ class PeerAiD(Method):
     name = "peeraid"
     hparams = {"tau": 5.0, "tau_p": 1.0, "gamma1": 1.0, "gamma2": 0.1, "lambda1": 0.0, "lambda2": 1.0,
                "lambda3": 1.0, "kl_reduction": "mean", "detach_student_in_peer_kl": False,
-               "detach_clean_in_self_kl": False, "bn_mode": "eval", "random_start": "normal"}
+               "detach_clean_in_self_kl": False, **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"tau": POSITIVE, "tau_p": POSITIVE, "gamma1": WEIGHT, "gamma2": WEIGHT, "lambda1": WEIGHT,
+              "lambda2": WEIGHT, "lambda3": WEIGHT}
     settings = {"swa_start": "first_decay"}  # the student's weights averaged from the first decay on
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
     presets = {
         "cifar10": CIFAR,
         "cifar100": {**CIFAR, "hp": {"gamma2": 1.0}},

@@ -13,16 +13,18 @@ from __future__ import annotations
 import torch
 
 from .. import attacks
-from ..losses import REDUCTIONS, kl
+from ..hparams import FRACTION
+from ..losses import kl
 from ._teachers import OfflineMethod
+from .base import attack_hparams
 
 CIFAR = {"epochs": 300, "lr_milestones": [215, 260, 285], "weight_decay": 2e-4}
 
 
 class RSLAD(OfflineMethod):
     name = "rslad"
-    hparams = {"alpha": 5 / 6, "kl_reduction": "mean", "bn_mode": "eval", "random_start": "normal"}
-    choices = {"kl_reduction": REDUCTIONS, "bn_mode": ("eval", "train"), "random_start": ("uniform", "normal")}
+    hparams = {"alpha": 5 / 6, "kl_reduction": "mean", **attack_hparams(bn_mode="eval", random_start="normal")}
+    ranges = {"alpha": FRACTION}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}
 
     def inner_max(self, nets, x, y, ctx):
