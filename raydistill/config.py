@@ -119,7 +119,9 @@ class TrainConfig:
     step_size: float = opt(2 / 255, cli.nonneg_float, "threat model")
     attack_steps: int = opt(10, cli.positive_int, "threat model")
     hp: dict = opt(None, None, factory=dict)
-    precision: str = opt("fp32", group="speed", help="fp32 (default) or bf16 autocast with losses in fp32", choices=("fp32", "bf16"))
+    precision: str = opt("fp32", group="speed", help="fp32 (default; strict: no TF32 on CUDA), tf32 (TF32 matmuls and convolutions "
+                         "on CUDA) or bf16 autocast with losses in fp32; training only: evaluation is strict fp32",
+                         choices=("fp32", "tf32", "bf16"))
     channels_last: bool = opt(False, bool, "speed", "NHWC memory format for the networks (same arithmetic)")
     fold_bn: bool = opt(False, bool, "speed", "attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
     input_grads_only: bool = opt(False, bool, "speed", "parameters' requires_grad off while attacking (input gradients only)")

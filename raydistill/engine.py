@@ -24,7 +24,6 @@ import random
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -128,6 +127,7 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = s.device
+        fastpath.configure_backends(self.device, cfg.precision)  # the precision policy (fastpath's docstring)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                  val_size=cfg.val_size, **cfg.dataset_options)
         d = self.data
@@ -222,10 +222,11 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One optimisation step of every trained network: the method's inner maximisation and
         outer minimisation (under bf16 autocast on the fast path), one backward over the summed
-        loss terms, one SGD step per network. Returns the (graph-holding) loss terms."""
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
-                    else nullcontext())
-        with autocast:
+        loss terms, one SGD step per network. Returns the (graph-holding) loss terms.
+
+        Nothing in it waits for the device (no ``.item()``, ``float(tensor)``, host copies): the
+        epoch's sums stay tensors until the epoch ends (tests/test_cuda_paths.py)."""
+        with fastpath.autocast(self.device, self.cfg.precision):
             losses = self.method.step(self.nets, x, y, ctx)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -256,14 +257,20 @@ class Trainer:
         from .evaluation import evaluate
 
         xs, ys = self.shard(x, y)
-        # evaluation in fp32 whatever --precision says; a folded copy (--fold-bn) is the same function
-        accs = evaluate(fastpath.inference_view(model), xs, ys, attacks, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                        batch_size=max(256, self.per_worker_batch), device=self.device) if len(ys) else {}
+        # evaluation in strict fp32 (no autocast, TF32 off) whatever --precision says; a folded copy
+        # (--fold-bn) is the same function
+        with fastpath.strict_fp32():
+            accs = evaluate(fastpath.inference_view(model), xs, ys, attacks, eps=self.cfg.eps, step_size=self.cfg.step_size,
+                            batch_size=max(256, self.per_worker_batch), device=self.device) if len(ys) else {}
         keys = [f"{a}_acc" for a in attacks]
         tot = all_reduce_sum([accs.get(k, 0.0) * len(ys) for k in keys] + [float(len(ys))], self.device)
         return {f"{prefix}{k}": v / max(1.0, tot[-1]) for k, v in zip(keys, tot)}
 
     def validate(self) -> dict[str, float]:
+        with fastpath.strict_fp32():  # validation and its diagnostics: strict fp32 whatever --precision says
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         d = self.data
         if len(self.students) == 1:
             out = self.robust_eval(self.nets._module(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
@@ -283,20 +290,20 @@ class Trainer:
     def diagnostics(self) -> dict[str, float]:
         ctx = self.step_context(len(self.state.history))
         xs, ys = self.shard(self.data.val_x, self.data.val_y)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no wait per batch
         modes = {n: self.nets._module(n).training for n in self.nets.names()}
         for n in self.nets.names():
             self.nets._module(n).eval()
         for x, y in iterate_batches(xs, ys, max(256, self.per_worker_batch), shuffle=False, seed=0, epoch=0,
                                     device=self.device):
             for k, v in self.method.diagnostics(self.nets, x, y, ctx).items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                sums[k] = sums.get(k, 0.0) + v.float().sum().double()  # fp32 batch sums added in fp64, as before
         for n, was in modes.items():
             self.nets._module(n).train(was)
         names = sorted(sums)
         if not names:
             return {}
-        tot = all_reduce_sum([sums[k] for k in names] + [float(len(ys))], self.device)
+        tot = all_reduce_sum([float(sums[k]) for k in names] + [float(len(ys))], self.device)
         return {f"val/{k}": v / max(1.0, tot[-1]) for k, v in zip(names, tot)}
 
     def refresh_bn(self, model: nn.Module, epoch: int) -> None:
@@ -359,7 +366,11 @@ class Trainer:
             self.logger.log_final(metrics)
 
     def test(self) -> dict[str, float]:
-        """Test-split figures of the best-PGD-10 student (and of the averaged student)."""
+        """Test-split figures of the best-PGD-10 student (and of the averaged student), in strict fp32."""
+        with fastpath.strict_fp32():
+            return self._test()
+
+    def _test(self) -> dict[str, float]:
         cfg, d, best = self.cfg, self.data, self.state.best
         model = copy.deepcopy(self.nets._module(best["student"]))
         if best["state_dict"] is not None:

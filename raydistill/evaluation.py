@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import attacks as A
+from . import fastpath
 from .data import to_float
 from .errors import UsageError
 from .registry import Registry
@@ -103,7 +104,8 @@ def evaluate(model: nn.Module, x, y, attacks: list[str], *, eps: float, step_siz
     mode back. AutoAttack runs on the first ``aa_n_examples`` examples only (default: all). Random
     starts are drawn from a generator seeded with ``seed`` for each attack, so results are
     reproducible. ``progress``: a callback ``(attack, done, total, seconds)``, True for a stderr
-    display, or None/False for silence.
+    display, or None/False for silence. Runs in strict fp32 (TF32 off, restored after:
+    :func:`raydistill.fastpath.strict_fp32`); the counts stay on the device until an attack is done.
     """
     names = parse_attacks(attacks)
     if eps < 0:
@@ -120,7 +122,7 @@ def evaluate(model: nn.Module, x, y, attacks: list[str], *, eps: float, step_siz
     report = StderrProgress() if progress is True else (progress or None)
 
     results: dict[str, float] = {}
-    with A.bn_mode(model, "eval"):
+    with A.bn_mode(model, "eval"), fastpath.strict_fp32():
         for name in names:
             attack = ATTACKS.get(name)
             n = min(aa_n_examples, len(x)) if name == "aa" and aa_n_examples else len(x)
@@ -131,8 +133,8 @@ def evaluate(model: nn.Module, x, y, attacks: list[str], *, eps: float, step_siz
                 yb = y[lo:min(lo + batch_size, n)].to(device)
                 x_adv = attack.run(model, xb, yb, eps=eps, step_size=step_size, generator=generator, seed=seed + i)
                 with torch.no_grad():
-                    correct += (model(x_adv).argmax(dim=1) == yb).sum().item()
+                    correct = correct + (model(x_adv).argmax(dim=1) == yb).sum()  # a device tensor: no wait
                 if report:
                     report(name, i + 1, total, time.perf_counter() - start)
-            results[f"{name}_acc"] = correct / n
+            results[f"{name}_acc"] = int(correct) / n
     return results

@@ -21,8 +21,30 @@ feature (TrainConfig)  what it does
                        training forward and backward (in place: names and state_dicts unchanged).
 =====================  ============================================================================
 
-bf16 autocast (``--precision bf16``, losses in fp32) is the engine's; thread counts are
-``TrainConfig.threads``. Integration points: :func:`prepare` on every network when it is built
+Precision policy (``--precision``; :func:`configure_backends`, called once per process where a run
+starts, by ``engine.Trainer.setup``):
+
+=========  ===================================================================================
+precision  training
+=========  ===================================================================================
+``fp32``   strict IEEE fp32 (the default): TF32 off for matmuls and convolutions on CUDA
+           (``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``
+           False; PyTorch's own default lets cuDNN convolutions use TF32)
+``tf32``   fp32 tensors, TF32 tensor-core arithmetic for CUDA matmuls and convolutions (both
+           flags True); training only. On a CPU it is the fp32 arithmetic (the flags are CUDA's).
+           An extension of the contract's fp32/bf16: whether it stays a choice depends on a GPU
+           measurement of its speed and accuracy against fp32 and bf16, not yet made
+``bf16``   the step under bf16 autocast (:func:`autocast`; attack objectives and losses cast
+           logits to fp32), TF32 off for whatever stays fp32
+=========  ===================================================================================
+
+On CUDA every precision also sets ``torch.backends.cudnn.benchmark = True`` (input shapes are
+fixed within a run: the fastest convolution algorithms are chosen once). Evaluation (validation,
+the test attacks, ``evaluation.evaluate`` and so the evaluate command) always runs in strict fp32,
+whatever ``--precision`` says: :func:`strict_fp32` turns TF32 off for its duration and restores
+the flags after (the engine never runs evaluation under autocast). Flipping TF32 is part of
+``torch.compile``'s global-state guard: a compiled network used both in a tf32 training step and in
+evaluation keeps one compiled graph for each. Thread counts are ``TrainConfig.threads``. Integration points: :func:`prepare` on every network when it is built
 (before DDP wraps it), :func:`attack_views` where a method takes its networks for an attack, and
 :func:`inference_view` for evaluation forwards. A prepared network carries its settings as a plain
 attribute (not in its state_dict); a network that was never prepared runs as it is.
@@ -218,7 +240,48 @@ def inference_view(model: nn.Module) -> nn.Module:
     return state.folded(model) if state is not None and state.fp.fold_bn else model
 
 
+# ----------------------------------------------------------------------------- precision
+PRECISIONS = ("fp32", "tf32", "bf16")  # --precision's choices (the module docstring's policy)
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    """(``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``)."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32(matmul: bool, conv: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = conv
+
+
+def configure_backends(device: torch.device | str, precision: str) -> dict[str, bool]:
+    """Apply the precision policy (module docstring) for a run on ``device``: TF32 on for ``"tf32"``,
+    off for ``"fp32"`` and ``"bf16"``; on CUDA, ``cudnn.benchmark`` on. Once per process, where a run
+    starts (``Trainer.setup``). Returns the flags as set."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    tf32 = precision == "tf32"
+    _set_tf32(tf32, tf32)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return {"cuda_matmul_allow_tf32": tf32, "cudnn_allow_tf32": tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off (matmuls and convolutions) for the duration, the previous flags restored after:
+    evaluation runs in strict fp32 whatever the run's ``--precision``."""
+    saved = tf32_flags()
+    _set_tf32(False, False)
+    try:
+        yield
+    finally:
+        _set_tf32(*saved)
+
+
 def autocast(device: torch.device | str, precision: str):
-    """bf16 autocast on ``device`` for ``precision == "bf16"`` (the engine's fast path), else a no-op."""
+    """bf16 autocast on ``device`` for ``precision == "bf16"`` (the engine's fast path), else a no-op
+    (fp32 and tf32 tensors stay fp32; tf32 is a backend flag, see :func:`configure_backends`)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
