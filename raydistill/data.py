@@ -294,11 +294,12 @@ def augment_batch(x: Tensor, *, crop_pad: int, hflip: bool, generator: torch.Gen
         return x
     n, _, h, w = x.shape
     gen_device = generator.device if generator is not None else "cpu"
-    dy, dx = torch.randint(0, 2 * crop_pad + 1, (2, n, 1), generator=generator, device=gen_device).to(x.device)
+    # host-to-device copies without a stream sync (non_blocking: the draws are staged at once)
+    dy, dx = torch.randint(0, 2 * crop_pad + 1, (2, n, 1), generator=generator, device=gen_device).to(x.device, non_blocking=True)
     rows = dy + torch.arange(h, device=x.device)  # (n, h) rows of the padded image
     cols = dx + torch.arange(w, device=x.device)  # (n, w)
     if hflip:
-        flip = torch.rand(n, 1, generator=generator, device=gen_device).to(x.device) < 0.5
+        flip = torch.rand(n, 1, generator=generator, device=gen_device).to(x.device, non_blocking=True) < 0.5
         cols = torch.where(flip, cols.flip(1), cols)
     padded = F.pad(x, (crop_pad,) * 4) if crop_pad > 0 else x
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -330,15 +331,17 @@ def iterate_batches(x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, see
 
     Sharding follows ``shard_indices``; augmentation (train only: pass ``augment=False`` for val/test)
     draws from a generator seeded by (seed, epoch, rank), so an epoch is reproducible on resume.
-    Only each batch is moved to ``device``; tensors already there are indexed in place.
+    Only each batch is moved to ``device``; tensors already there are indexed in place, with the
+    epoch's indices moved to them once (no host copy, so no wait for the device, per batch).
     """
     idx = shard_indices(len(x), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    idx_x = idx.to(x.device)
+    idx_y = idx_x if y.device == x.device else idx.to(y.device)
     gen = _seeded(1, seed, epoch, rank) if augment else None
     stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
     for start in range(0, stop, batch_size):
-        b = idx[start:start + batch_size]
-        xb = to_float(x[b.to(x.device)].to(device, non_blocking=True))
-        yb = y[b.to(y.device)].to(device, non_blocking=True)
+        xb = to_float(x[idx_x[start:start + batch_size]].to(device, non_blocking=True))
+        yb = y[idx_y[start:start + batch_size]].to(device, non_blocking=True)
         if augment:
             xb = augment_batch(xb, crop_pad=crop_pad, hflip=hflip, generator=gen)
         yield xb, yb
