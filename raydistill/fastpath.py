@@ -19,6 +19,13 @@ feature (TrainConfig)  what it does
 ``compile``            ``torch.compile``: ``"attack"`` compiles the networks as the attack runs them
                        (the folded copy, or a compiled wrapper of the network), ``"all"`` also the
                        training forward and backward (in place: names and state_dicts unchanged).
+                       One graph per variant, none per PGD step or batch: grad mode on (attack) or
+                       off, input requiring grad or not, the first batch size and then a dynamic
+                       one (a smaller last batch), TF32 on or off (a tf32 run's evaluation); their
+                       networks share a forward's code (student and peer, folded copies), so
+                       :func:`prepare` raises dynamo's per-code recompile limit to
+                       ``RECOMPILE_LIMIT`` (PyTorch's default 8 is reached by PeerAiD with
+                       ``compile="all"``, ``fold_bn`` and tf32; beyond it dynamo runs eagerly).
 =====================  ============================================================================
 
 Precision policy (``--precision``; :func:`configure_backends`, called once per process where a run
@@ -176,6 +183,7 @@ class _State:
 
 
 ATTR = "_raydistill_fastpath"
+RECOMPILE_LIMIT = 16  # compiled graphs per forward's code (see the module docstring's ``compile``)
 
 
 def prepare(model: nn.Module, cfg, frozen: bool = False) -> nn.Module:
@@ -193,6 +201,10 @@ def prepare(model: nn.Module, cfg, frozen: bool = False) -> nn.Module:
         model = FoldedCopy(model).refresh()
         fp = dataclasses.replace(fp, fold_bn=False)
     setattr(model, ATTR, _State(fp))
+    if fp.compile != "none":
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if fp.compile == "all":
         model.compile()
     return model

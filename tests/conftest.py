@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests run on the CPU; each gets its own MLflow store and run folder."""
+"""Shared fixtures. Tests run on the CPU (``gpu``-marked ones need CUDA and are skipped elsewhere); each gets
+its own MLflow store and run folder."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,19 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: skipped (and counted as skipped) where there is none."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
