@@ -202,9 +202,9 @@ def prepare(model: nn.Module, cfg, frozen: bool = False) -> nn.Module:
         fp = dataclasses.replace(fp, fold_bn=False)
     setattr(model, ATTR, _State(fp))
     if fp.compile != "none":
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (bound as dynamo: a plain ``import torch._dynamo`` makes ``torch`` local)
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if fp.compile == "all":
         model.compile()
     return model
