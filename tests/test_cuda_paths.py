@@ -172,8 +172,8 @@ def test_the_counter_sees_a_sync():
     assert calls == ["item", "__float__", "__bool__", "tolist"]
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method,precision", [(m, p) for m in METHODS for p in ("fp32", "bf16")]
+                         + [("natural", "fp32"), ("at_aka", "fp32"), ("cat_aka", "fp32")])
 def test_no_host_sync_inside_a_production_training_step(tmp_path, method, precision):
     r = runner(tmp_path, method, precision=precision)
     batches = r.batches()
@@ -184,6 +184,20 @@ def test_no_host_sync_inside_a_production_training_step(tmp_path, method, precis
             losses = r.step(x, y)
     assert calls == [], calls
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+def test_an_epoch_waits_for_the_device_a_fixed_number_of_times_whatever_its_batch_count(tmp_path):
+    """The epoch's loss sums and statistics are read once, at its end: as many waits with 7 batches as with 26."""
+    from raydistill.engine import LocalSession, Trainer
+
+    counts = []
+    for batch_size in (256, 64):
+        trainer = Trainer(config(tmp_path, "trades", batch_size=batch_size), LocalSession(str(tmp_path / str(batch_size))))
+        trainer.setup()
+        with counting_host_syncs() as calls:
+            trainer.train_epoch(0)
+        counts.append(len(calls))
+    assert counts == [2, 2], counts  # the two loss terms' sums (ce, kl)
 
 
 # ============================================================================= CPU: torch.compile
