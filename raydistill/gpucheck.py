@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("pgd_at", "trades", "peeraid", "adaad", "at_aka")
 ARCHS = ("resnet18", "wrn34_10")
 BATCH = 128
+BENCH_STEPS, BENCH_WARMUP = 5, 2
+TRAIN = dict(method="peeraid", dataset="synthetic", student="resnet18", epochs=2)
 # part budgets (s); each part also stops at the check's overall deadline
 PYTEST_BUDGET, TRAIN_BUDGET, PGD20_BUDGET = 75, 90, 45
 BENCH_BUDGET = {"resnet18": 25, "wrn34_10": 40}  # per precision; compiled runs get COMPILE_BUDGET
@@ -275,8 +277,8 @@ def part_pytest(runner: Runner, env_info: dict[str, Any]) -> None:
 def part_train(runner: Runner) -> str | None:
     """The 2-epoch peeraid run; returns its checkpoint folder."""
     summary = runner.work / "train-summary.json"
-    argv = ["-m", "raydistill.train", "peeraid", "--dataset", "synthetic", "--student", "resnet18",
-            "--epochs", "2", "--batch-size", str(BATCH), "--workers", "0", "--tracking-uri", "none",
+    argv = ["-m", "raydistill.train", TRAIN["method"], "--dataset", TRAIN["dataset"], "--student", TRAIN["student"],
+            "--epochs", str(TRAIN["epochs"]), "--batch-size", str(BATCH), "--workers", "0", "--tracking-uri", "none",
             "--storage-path", str(runner.work / "runs"), "--name", "gpu-check-peeraid",
             "--summary-json", str(summary)]
     entry = runner.run("train", argv, TRAIN_BUDGET, summary)
@@ -316,7 +318,7 @@ def part_bench(runner: Runner, arch: str, precision: str, compile_mode: str, bud
     name = f"bench:{arch}:{label}"
     out = runner.work / f"bench-{arch}-{label}.json"
     argv = ["-m", "raydistill.bench", "--methods", ",".join(METHODS), "--student", arch, "--dataset", "synthetic",
-            "--image-size", "32", "--batch-size", str(BATCH), "--steps", "5", "--warmup", "2",
+            "--image-size", "32", "--batch-size", str(BATCH), "--steps", str(BENCH_STEPS), "--warmup", str(BENCH_WARMUP),
             "--eval-examples", str(BATCH), "--eval-batch-size", str(BATCH), "--precision", precision,
             "--summary-json", str(out)]
     if compile_mode != "none":
@@ -367,7 +369,8 @@ def markdown(d: dict[str, Any]) -> str:
             note = (note + " " if note else "") + p["output_tail"].splitlines()[-1][:200]
         lines.append(f"| {name} | {p['status']} | {_fmt(p.get('wall_s'))} | {_fmt(p.get('budget_s'), '.0f')} | "
                      f"{note.replace('|', '/')} |")
-    lines += ["", "## Training throughput (synthetic 32x32, batch 128, 10-step PGD)", ""]
+    lines += ["", f"## Training throughput (bench: synthetic 32x32, batch {BATCH}, 10-step PGD, "
+                  f"{BENCH_STEPS} timed steps after {BENCH_WARMUP})", ""]
     if d["bench"]:
         lines += ["| method | arch | precision | images/s | passes (forward/backward per step) | peak memory MiB |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -383,7 +386,7 @@ def markdown(d: dict[str, Any]) -> str:
                   f"{c['difference_points']:+.2f} points (target within {c['target_points']})"]
     else:
         lines.append("No figures: " + (d["parts"].get("pgd20_check", {}).get("reason") or "not run") + ".")
-    lines += ["", "## Train: 2-epoch peeraid, in-process, tracking off", ""]
+    lines += ["", f"## Train: {TRAIN['epochs']}-epoch {TRAIN['method']}, in-process, tracking off", ""]
     t = d.get("train")
     if t:
         m = t.get("metrics") or {}
