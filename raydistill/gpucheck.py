@@ -77,7 +77,7 @@ except Exception as exc:
     out["raydistill_error"] = f"{type(exc).__name__}: {exc}"
 import importlib.util
 out["have"] = {m: importlib.util.find_spec(m) is not None
-               for m in ("pytest", "ray", "mlflow", "optuna", "pyautoattack", "matplotlib")}
+               for m in ("pytest", "pytest_timeout", "ray", "mlflow", "optuna", "pyautoattack", "matplotlib")}
 print("PROBE " + json.dumps(out))
 """
 
@@ -128,7 +128,8 @@ class Runner:
     def left(self) -> float:
         return self.deadline - time.monotonic() - RESERVE
 
-    def run(self, name: str, argv: list[str], budget: float, result_file: Path | None = None) -> dict[str, Any]:
+    def run(self, name: str, argv: list[str], budget: float, result_file: Path | None = None,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
         """Run ``python argv...``; the entry records status ok / failed / timeout, rc, wall time, the
         output's tail and the JSON ``result_file`` (read also after a timeout: it may hold a partial result)."""
         limit = min(budget, self.left())
@@ -142,7 +143,7 @@ class Runner:
         log = self.work / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".log")
         t0 = time.monotonic()
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=REPO,
                                     start_new_session=True)
             try:
                 rc = proc.wait(timeout=limit)
@@ -196,6 +197,11 @@ def setup(record: Record, wheels: Path, site: Path, install: bool) -> dict[str, 
     paths = [str(REPO)]
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     info["wheels"] = [w.name for w in found]
+    # a wheel whose package the interpreter already has is left out: one version of each, and the
+    # interpreter's pytest stays with the plugins installed beside it
+    have = {w.name: installed_version(w.name.split("-")[0]) for w in found}
+    info["wheels_already_installed"] = {k: v for k, v in have.items() if v}
+    found = [w for w in found if not have[w.name]]
     if found or install:
         site.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
@@ -223,6 +229,15 @@ def setup(record: Record, wheels: Path, site: Path, install: bool) -> dict[str, 
     env["PYTHONPATH"] = os.pathsep.join(paths)
     record.data["setup"] = info
     return env
+
+
+def installed_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def copy_source(dest: Path) -> None:
@@ -263,8 +278,10 @@ def part_pytest(runner: Runner, env_info: dict[str, Any]) -> None:
     if not files:
         runner.record.part(name, skipped("no test file marks tests gpu (pytest.mark.gpu)", PYTEST_BUDGET))
         return
-    entry = runner.run(name, ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-                              *files], PYTEST_BUDGET)
+    # the machine's other pytest plugins are not loaded (they may not fit the pytest that runs); pytest-timeout is
+    plugins = ["-p", "pytest_timeout"] if env_info.get("have", {}).get("pytest_timeout") else []
+    entry = runner.run(name, ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *plugins, "-o", "addopts=-ra",
+                              *files], PYTEST_BUDGET, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     tail = entry.get("output_tail", "")
     counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", tail.splitlines()[-1] if tail else "")
     entry["files"] = files
