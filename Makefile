@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast venv clean
+.PHONY: quickstart test test-fast venv clean gpu-check gpu-wheels
 
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,22 @@ test: $(BIN)/activate
 
 test-fast: $(BIN)/activate
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# The GPU check (raydistill/gpucheck.py): needs no virtual environment, Ray or MLflow; on a bare GPU
+# machine the interpreter with PyTorch (python3) runs it. It installs the wheels in $(GPU_CHECK_WHEELS)
+# (scripts/fetch-gpu-wheels.sh) and raydistill, both without dependencies, into a temporary target
+# folder, and writes gpu-check.json and gpu-check.md into $(GPU_CHECK_OUT). Without CUDA it skips the
+# GPU parts and says so (seconds).
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_WHEELS ?= .whl
+export GPU_CHECK_OUT GPU_CHECK_WHEELS
+
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m raydistill.gpucheck
+
+gpu-wheels:
+	bash scripts/fetch-gpu-wheels.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

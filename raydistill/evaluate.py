@@ -44,7 +44,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--summary-json", help="write the results as JSON to this file")
     p.add_argument("--mlflow", action="store_true", help="log test/<attack>_acc to MLflow (a new run unless --run-id)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow); none = no MLflow logging at all")
     p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -70,9 +70,14 @@ def _device(text: str | None) -> torch.device:
 
 def _mlflow_target(args) -> tuple[str, str | None] | None:
     """(tracking uri, run id or None) when MLflow logging was asked for; checks the run exists."""
+    from . import tracking  # MLflow itself is imported only when something is logged
+
+    if tracking.is_off(args.tracking_uri):
+        if args.mlflow or args.run_id:
+            raise UsageError("--tracking-uri none turns MLflow off; it cannot go with --mlflow or --run-id")
+        return None
     if not (args.mlflow or args.tracking_uri or args.run_id):
         return None
-    from . import tracking
 
     uri = tracking.resolve_uri(args.tracking_uri)
     tracking.check_reachable(uri)

@@ -2,6 +2,8 @@
 
 By default the run goes through Ray Train's TorchTrainer (``--workers N``, each trained network
 under DDP); ``--workers 0`` runs the same loop in-process, without Ray, for debugging.
+``--tracking-uri none`` turns MLflow off: no run is created (the summary's mlflow_run_id is null).
+With both, neither Ray nor MLflow is imported: the run needs only PyTorch and the data libraries.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
     p.add_argument("method", nargs="?", help="method name (see --list)")
     p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
-    add_run_options(p)
+    add_run_options(p, helps={"tracking_uri": "MLflow tracking URI (default: MLflow's own default); "
+                                              "none = tracking off: no MLflow run, MLflow not imported"})
     return p
 
 
@@ -65,11 +68,14 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     from . import tracking
 
     p = cfg.placement
+    off = tracking.is_off(p.tracking_uri)  # --tracking-uri none: no MLflow run, MLflow not imported
     cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage_root(p.storage_path),
-                                         tracking_uri=tracking.resolve_uri(p.tracking_uri)))
+                                         tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
-    tracking.check_reachable(cfg.placement.tracking_uri)
-    cfg = replace(cfg, placement=replace(cfg.placement, mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id)))
+    if not off:
+        tracking.check_reachable(cfg.placement.tracking_uri)
+        cfg = replace(cfg, placement=replace(cfg.placement,
+                                             mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id)))
     p = cfg.placement
     t0 = time.time()
     try:
@@ -84,16 +90,18 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
         try:
-            tracking.close_run(p.tracking_uri, p.mlflow_run_id, status, reason)
+            if p.mlflow_run_id:
+                tracking.close_run(p.tracking_uri, p.mlflow_run_id, status, reason)
         except Exception:
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
         raise TrainingFailed(reason) from exc
-    if checkpoint:
-        tracking.log_checkpoint(p.tracking_uri, p.mlflow_run_id, checkpoint)
-    tracking.log_curves(p.tracking_uri, p.mlflow_run_id)
-    tracking.close_run(p.tracking_uri, p.mlflow_run_id, "FINISHED")
+    if p.mlflow_run_id:
+        if checkpoint:
+            tracking.log_checkpoint(p.tracking_uri, p.mlflow_run_id, checkpoint)
+        tracking.log_curves(p.tracking_uri, p.mlflow_run_id)
+        tracking.close_run(p.tracking_uri, p.mlflow_run_id, "FINISHED")
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
@@ -134,7 +142,8 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     cpus = p.cpus_per_worker or cpus_each(p.workers)
     from . import tracking
 
-    tracking.log_resolved(p.tracking_uri, p.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
+    if p.mlflow_run_id:
+        tracking.log_resolved(p.tracking_uri, p.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
     resources = {"CPU": float(cpus)}
     if gpus:
         resources["GPU"] = gpus
@@ -181,7 +190,7 @@ def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     p = cfg.placement
     return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": p.name,
-            "mlflow_run_id": p.mlflow_run_id, "tracking_uri": p.tracking_uri,
+            "mlflow_run_id": p.mlflow_run_id, "tracking_uri": None if p.tracking_uri == "none" else p.tracking_uri,
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),
@@ -196,7 +205,7 @@ def print_summary(s: dict[str, Any]) -> None:
             ("best checkpoint", "weight-averaged student" if s["best_is_averaged"] else "student")]
     rows += [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
     rows += [("wall time", f"{s['wall_time_s']:.1f}s"), ("checkpoint", s["checkpoint"]),
-             ("mlflow run", s["mlflow_run_id"])]
+             ("mlflow run", s["mlflow_run_id"] or "none (tracking off)")]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
 

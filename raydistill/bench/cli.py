@@ -22,6 +22,13 @@ from .races import ablation, authors_peeraid_step, compare_authors_peeraid
 from .throughput import bench_method
 
 
+def precisions() -> tuple[str, ...]:
+    """The precisions the option table accepts (train's --precision): the bench takes the same."""
+    from ..config import EXPERIMENT_FIELDS
+
+    return tuple(EXPERIMENT_FIELDS["precision"].metadata["choices"] or ("fp32", "bf16"))
+
+
 def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.bench",
                   description="Training-throughput benchmark: images/s of each method's production step, its "
@@ -37,7 +44,8 @@ def parser() -> ArgParser:
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (per round in races; default 10)")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--attack-steps", type=positive_int, default=10, help="PGD steps of the training attack (default 10)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=precisions(), default="fp32",
+                   help=f"{', '.join(precisions())} (the option table's; default fp32)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -156,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 for m in args.methods:  # one line per method as it finishes: a long benchmark shows progress
                     out["results"].append(bench_method(bench, m))
                     print_result(out["results"][-1])
+                    if args.summary_json:  # the methods so far: a run cut off keeps what it measured
+                        from ..train import write_json
+
+                        write_json(args.summary_json, {**out, "complete": False})
             if args.ray_overhead:
                 out["ray_overhead"] = ray_overhead(bench, args.methods[0])
             out["machine"]["threads"] = torch.get_num_threads()
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_json:
         from ..train import write_json
 
-        write_json(args.summary_json, out)
+        write_json(args.summary_json, {**out, "complete": True})
     return 0
 
 

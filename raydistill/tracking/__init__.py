@@ -10,18 +10,20 @@
 * A run is closed with its terminal status and, when it failed, the reason (tag ``failure_reason``);
   a close without a reason drops the reason an earlier failed attempt left.
 * Rank 0 logs per-epoch metrics with the epoch as the step, exactly once per epoch (``EpochLogger``).
+* ``--tracking-uri none`` (``is_off``) turns tracking off for train and evaluate: no run, no MLflow
+  import (MLflow is imported lazily, inside the functions that use it, never at module level).
 
 ``runs`` holds the store, run and search functions; ``training`` what training runs and searches log.
 """
 from __future__ import annotations
 
-from .runs import (FAILURE_TAG, KIND_EVAL, KIND_REPORT, KIND_RUN, KIND_SEARCH, KIND_TAG, NAME_TAG, PARENT_TAG,
-                   RUN_NAME_TAG, check_reachable, client, close_run, existing_experiment, experiment_id, find_runs,
+from .runs import (FAILURE_TAG, KIND_EVAL, KIND_REPORT, KIND_RUN, KIND_SEARCH, KIND_TAG, NAME_TAG, OFF, PARENT_TAG,
+                   RUN_NAME_TAG, check_reachable, is_off, client, close_run, existing_experiment, experiment_id, find_runs,
                    log_artifacts, log_batch, metric_history, open_run, open_store, resolve_uri, run_exists)
 from .training import EpochLogger, log_checkpoint, log_curves, log_resolved, repair_trial, start_run, start_search
 
-__all__ = ["FAILURE_TAG", "KIND_EVAL", "KIND_REPORT", "KIND_RUN", "KIND_SEARCH", "KIND_TAG", "NAME_TAG", "PARENT_TAG",
-           "RUN_NAME_TAG", "EpochLogger", "check_reachable", "client", "close_run", "existing_experiment",
+__all__ = ["FAILURE_TAG", "KIND_EVAL", "KIND_REPORT", "KIND_RUN", "KIND_SEARCH", "KIND_TAG", "NAME_TAG", "OFF", "PARENT_TAG",
+           "RUN_NAME_TAG", "EpochLogger", "check_reachable", "is_off", "client", "close_run", "existing_experiment",
            "experiment_id", "find_runs", "log_artifacts", "log_batch", "log_checkpoint", "log_curves",
            "log_resolved", "metric_history", "open_run", "open_store", "repair_trial", "resolve_uri", "run_exists",
            "start_run", "start_search"]

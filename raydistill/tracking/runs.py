@@ -21,8 +21,22 @@ KIND_EVAL = "eval"  # a raydistill.evaluate run
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
+OFF = "none"  # --tracking-uri none: no MLflow at all (train, evaluate); MLflow is not even imported
+
+
 # ============================================================================= store
+def is_off(uri: str | None) -> bool:
+    """Whether ``uri`` turns tracking off (``--tracking-uri none``, any case): nothing is logged and
+    MLflow is not imported, so the command runs where MLflow is not installed."""
+    return uri is not None and uri.strip().lower() == OFF
+
+
 def resolve_uri(uri: str | None) -> str:
+    """``uri`` made absolute (default: MLflow's own default). Tracking off (``none``) is a UsageError
+    here: the commands that accept it (train, evaluate) test :func:`is_off` before resolving."""
+    if is_off(uri):
+        raise UsageError("--tracking-uri none turns MLflow off, which only train and evaluate accept; "
+                         "this command needs an MLflow store: give its URI or leave the option out")
     import mlflow
 
     uri = uri or mlflow.get_tracking_uri()
