@@ -22,7 +22,7 @@ test: $(BIN)/activate
 test-fast: $(BIN)/activate
 	$(BIN)/python -m pytest -q -m 'not slow'
 
-# The GPU check (raydistill/gpucheck.py): needs no virtual environment, Ray or MLflow; on a bare GPU
+# The GPU check (raydistill/gpucheck/): needs no virtual environment, Ray or MLflow; on a bare GPU
 # machine the interpreter with PyTorch (python3) runs it. It installs the wheels in $(GPU_CHECK_WHEELS)
 # (scripts/fetch-gpu-wheels.sh) and raydistill, both without dependencies, into a temporary target
 # folder, and writes gpu-check.json and gpu-check.md into $(GPU_CHECK_OUT). Without CUDA it skips the

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from raydistill import gpucheck
+from raydistill.gpucheck.parts import bench_plan
+from raydistill.gpucheck.record import markdown
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT = ("ray", "mlflow", "optuna", "pyautoattack")
@@ -124,7 +125,7 @@ def test_gpu_check_markdown_of_measured_parts():
                                    "metrics": {"clean_acc": 0.5, "pgd20_acc": 0.25}, "val_best_pgd10_acc": 0.3},
          "pgd20_check": {"n_examples": 500, "dataset": "synthetic", "pgd20_acc_fp32": 0.25, "pgd20_acc_fast": 0.252,
                          "difference_points": 0.2, "target_points": 0.5}}
-    md = gpucheck.markdown(d)
+    md = markdown(d)
     assert "NVIDIA H200" in md and "torch 2.11.0" in md
     assert "| peeraid | wrn34_10 | bf16+compile_all | 1234.5 | student 12f/11b, peer 12f/11b | 20480 |" in md
     assert "fp32 0.2500, fast path 0.2520, difference +0.20 points" in md
@@ -133,9 +134,9 @@ def test_gpu_check_markdown_of_measured_parts():
 
 
 def test_gpu_check_plan_follows_the_option_table():
-    plan = gpucheck.bench_plan(["fp32", "tf32", "bf16"], ["none", "attack", "all"])
+    plan = bench_plan(["fp32", "tf32", "bf16"], ["none", "attack", "all"])
     assert [(a, p, c) for a, p, c, _ in plan] == [
         ("resnet18", "fp32", "none"), ("resnet18", "tf32", "none"), ("resnet18", "bf16", "none"),
         ("wrn34_10", "fp32", "none"), ("wrn34_10", "tf32", "none"), ("wrn34_10", "bf16", "none"),
         ("resnet18", "bf16", "all"), ("wrn34_10", "bf16", "all")]
-    assert all(p != "tf32" for _, p, _, _ in gpucheck.bench_plan(["fp32", "bf16"], ["none", "all"]))
+    assert all(p != "tf32" for _, p, _, _ in bench_plan(["fp32", "bf16"], ["none", "all"]))

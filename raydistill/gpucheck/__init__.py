@@ -1,0 +1,71 @@
+"""``python -m raydistill.gpucheck`` (``make gpu-check``): the GPU smoke check and figures, in one command.
+
+Made for a bare GPU machine that has PyTorch (torchvision, numpy, scikit-learn, PyYAML, pyarrow) but
+no Ray, MLflow, Optuna or pyautoattack and no internet: everything runs in-process
+(``--workers 0``) with tracking off (``--tracking-uri none``). Wheels it needs that the machine may lack
+(pytest and its pure-Python dependencies; ``scripts/fetch-gpu-wheels.sh`` fetches them into ``.whl/``)
+are installed with ``--no-deps`` into a target folder, never into the interpreter's environment, and
+raydistill itself is installed there without dependencies (``pip install --no-deps
+--no-build-isolation --target``); the checkout stays first on the path, so its source is what runs.
+
+Parts, in this order, each a subprocess with its own time budget (a part that runs over is killed
+and recorded as ``timeout``, with whatever it measured before):
+
+1. ``pytest_gpu``: ``pytest -m gpu`` over the test files that mark tests ``gpu``;
+2. ``train``: a 2-epoch in-process ``train peeraid`` (synthetic 32x32, resnet18), its final figures;
+3. ``pgd20_check``: ``bench --pgd20-check`` on that checkpoint: PGD-20 accuracy in fp32 vs the fast path;
+4. ``bench:ARCH:PRECISION``: ``bench`` on synthetic 32x32 data for pgd_at, trades, peeraid, adaad and
+   at_aka with resnet18 and wrn34_10 (batch 128) in fp32, tf32 (when the option table has it), bf16,
+   and bf16 with ``--compile all`` (the compiled runs last: they are the slowest to start).
+
+Without CUDA the GPU parts (2-4) are recorded as skipped, with the reason, and the check takes
+seconds; pytest still runs its selection (whose tests skip without CUDA).
+
+``gpu-check.json`` and ``gpu-check.md`` are written to ``--out`` (default ``$GPU_CHECK_OUT``, else
+``./gpu-check``) after every part, atomically: a check cut off still leaves what it measured.
+The whole check keeps to ``--budget`` seconds (default ``$GPU_CHECK_BUDGET_S``, else 480).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("pgd_at", "trades", "peeraid", "adaad", "at_aka")
+ARCHS = ("resnet18", "wrn34_10")
+BATCH = 128
+BENCH_STEPS, BENCH_WARMUP = 5, 2
+TRAIN = dict(method="peeraid", dataset="synthetic", student="resnet18", epochs=2)
+# part budgets (s); each part also stops at the check's overall deadline
+PYTEST_BUDGET, TRAIN_BUDGET, PGD20_BUDGET = 75, 90, 45
+BENCH_BUDGET = {"resnet18": 25, "wrn34_10": 40}  # per precision; compiled runs get COMPILE_BUDGET
+COMPILE_BUDGET = 45
+RESERVE = 5  # seconds kept back at the end for the last write
+
+PROBE = r"""
+import json, platform, sys
+out = {"python": platform.python_version(), "executable": sys.executable}
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["cuda_available"] = bool(torch.cuda.is_available())
+    out["torch_cuda"] = torch.version.cuda
+    if out["cuda_available"]:
+        out["gpu_name"] = torch.cuda.get_device_name(0)
+        out["gpu_count"] = torch.cuda.device_count()
+        out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+except Exception as exc:
+    out["torch_error"] = f"{type(exc).__name__}: {exc}"
+try:
+    from raydistill.config import EXPERIMENT_FIELDS
+    out["precisions"] = list(EXPERIMENT_FIELDS["precision"].metadata["choices"])
+    out["compile_modes"] = list(EXPERIMENT_FIELDS["compile"].metadata["choices"])
+    import raydistill
+    out["raydistill_path"] = str(raydistill.__path__[0])
+except Exception as exc:
+    out["raydistill_error"] = f"{type(exc).__name__}: {exc}"
+import importlib.util
+out["have"] = {m: importlib.util.find_spec(m) is not None
+               for m in ("pytest", "pytest_timeout", "ray", "mlflow", "optuna", "pyautoattack", "matplotlib")}
+print("PROBE " + json.dumps(out))
+"""
