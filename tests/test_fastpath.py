@@ -180,14 +180,14 @@ def test_the_strict_features_keep_the_training_step(tmp_path):
 @pytest.mark.slow
 def test_fast_path_pgd20_accuracy_of_a_fixed_model_within_half_a_point(tmp_path):
     """A PGD-AT small CNN on digits; PGD-20 on all 1797 digits, fp32 vs bf16 + channels_last + folded BN."""
-    from raydistill.config import TrainConfig
+    from raydistill.config import Placement, TrainConfig
     from raydistill.data import load_dataset
     from raydistill.engine import LocalSession, Trainer
     from raydistill.evaluation import evaluate
     from raydistill.methods import get_method
 
     cfg = TrainConfig(method="pgd_at", dataset="digits", student="small_cnn", epochs=6, batch_size=64, lr=0.05,
-                      eps=0.1, step_size=0.025, threads=1, hp=dict(get_method("pgd_at").hparams))
+                      eps=0.1, step_size=0.025, placement=Placement(threads=1), hp=dict(get_method("pgd_at").hparams))
     trainer = Trainer(cfg, LocalSession(str(tmp_path)))
     trainer.setup()
     for epoch in range(cfg.epochs):
