@@ -69,6 +69,20 @@ def passes_of(b: configs.Bench, method: str, **features):
     return runner, throughput.count_passes(runner, runner.step, data)
 
 
+def test_flops_per_step_follow_the_passes(tiny):
+    """FLOPs of a step (what a GPU's share of its peak is computed from): a forward counts 1 unit, the
+    attack's input-gradient backward 1 (no weight gradients), the training backward 2 (input and
+    weight gradients). natural: 1 + 2; pgd_at: K x (1 + 1) + 1 + 2."""
+    flops = {}
+    for method in ("natural", "pgd_at"):
+        runner = tiny.runner(tiny.config(method))
+        data = runner.batches()
+        run_steps(runner.step, data, 1, runner.device)
+        flops[method] = throughput.count_flops(runner, runner.step, data)
+    assert flops["natural"] > 0
+    assert flops["pgd_at"] / flops["natural"] == pytest.approx((2 * K + 3) / 3, rel=0.1)
+
+
 @pytest.mark.parametrize("method", PASSES)
 def test_passes_per_step_are_the_minimum_the_equations_need(tiny, method):
     _, counts = passes_of(tiny, method)

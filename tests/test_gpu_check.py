@@ -133,6 +133,19 @@ def test_gpu_check_markdown_of_measured_parts():
     assert "| bench:wrn34_10:bf16+compile_all | partial | 45.0 | 45 | stopped after 45s |" in md
 
 
+def test_gpu_check_markdown_has_the_peak_share_and_the_authors_race():
+    row = {"method": "pgd_at", "arch": "resnet18", "precision": "bf16", "images_per_s": 5000.0, "passes": None,
+           "peak_mem_mb": 1024.0, "tflops_per_s": 395.0, "bf16_peak_share": 0.5}
+    race = {"authors_fp32": {"images_per_s": 1000.0, "speedup": 1.0},
+            "ours_fp32": {"images_per_s": 1100.0, "speedup": 1.1}, "ours_fast": {"images_per_s": 2500.0, "speedup": 2.5}}
+    d = {"status": "done", "started": "t0", "finished": "t1", "wall_s": 400.0, "budget_s": 480.0, "skip_reason": None,
+         "environment": {}, "parts": {}, "bench": [row], "train": None, "pgd20_check": None, "authors_peeraid": race}
+    md = markdown(d)
+    assert "| pgd_at | resnet18 | bf16 | 5000.0 | - | 1024 | 395.0 | 50.0 % |" in md
+    assert "ours_fp32: 1100.0 images/s, x1.100 the authors' step" in md
+    assert "ours_fast: 2500.0 images/s, x2.500 the authors' step" in md
+
+
 def test_gpu_check_plan_follows_the_option_table():
     plan = bench_plan(["fp32", "tf32", "bf16"], ["none", "attack", "all"])
     assert [(a, p, c) for a, p, c, _ in plan] == [

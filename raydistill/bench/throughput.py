@@ -23,7 +23,11 @@ steps. Hyperparameters are the method's defaults, with IAD's introspection warm-
   /proc/self/status, reset through /proc/self/clear_refs): what the steps need beyond weights and
   data (activations, gradients, optimizer state, the allocator's cache). The heap an earlier
   method left behind may be reused by a later one: for CPU memory, one method per invocation.
-  ``peak_mem_source`` says which.
+  ``peak_mem_source`` says which;
+* ``flops_per_step``: the floating-point operations of one step (``torch.utils.flop_counter``:
+  matrix multiplications and convolutions, forward and backward, the attack's included, counted on
+  the uncompiled step), and ``tflops_per_s`` = ``flops_per_step`` / ``step_time_s`` / 1e12: what a
+  GPU's peak is compared with (``raydistill.gpucheck`` gives the share of the H200's bf16 peak).
 """
 from __future__ import annotations
 
@@ -37,6 +41,29 @@ from .. import fastpath
 from ..steprunner import StepRunner
 from .configs import Bench
 from .measure import PassCounter, PeakMemory, run_steps, sync
+
+
+def count_flops(runner: StepRunner, step: Callable[[Tensor, Tensor], Any], data: Iterator) -> int:
+    """Floating-point operations of one step (matmuls and convolutions, forward and backward), by
+    torch's own FLOP formulas. A plain dispatch mode: ``FlopCounterMode``'s module tracker refuses the
+    attacks' ``autograd.grad``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    with Count() as counter:
+        step(*next(data))
+    return counter.total
 
 
 def count_passes(runner: StepRunner, step: Callable[[Tensor, Tensor], Any] | None = None,
@@ -80,16 +107,20 @@ def bench_method(bench: Bench, method: str) -> dict[str, Any]:
         timing = run_steps(runner.step, data, a.steps, runner.device)
     if cfg.compile == "none":
         passes = count_passes(runner, runner.step, data)
+        flops = count_flops(runner, runner.step, data)
     else:  # hooks inside compiled code are not reliable: count on an uncompiled twin (the same passes)
         twin = bench.runner(bench.config(method, compile="none"))
         twin_data = twin.batches()
         run_steps(twin.step, twin_data, 1, twin.device)
         passes = count_passes(twin, twin.step, twin_data)
+        flops = count_flops(twin, twin.step, twin_data)
+    step_s = timing.step_s / a.steps
     return {"method": method, "student": cfg.student, "networks": {n: s.arch or "checkpoint" for n, s in
                                                                    runner.specs.items()},
             "batch_size": cfg.batch_size, "steps": a.steps, "attack_steps": cfg.attack_steps,
             "precision": cfg.precision, "features": dataclasses.asdict(fastpath.FastPath.of(cfg)),
-            "images_per_s": timing.images_per_s, "step_time_s": timing.step_s / a.steps,
+            "images_per_s": timing.images_per_s, "step_time_s": step_s,
+            "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12 if step_s > 0 else None,
             "data_share": timing.data_share,
             "eval_images_per_s": eval_speed(runner, a.eval_examples, a.eval_batch_size),
             "passes": passes, "peak_mem_mb": mem.mb, "peak_mem_source": mem.source}

@@ -14,9 +14,12 @@ and recorded as ``timeout``, with whatever it measured before):
 1. ``pytest_gpu``: ``pytest -m gpu`` over the test files that mark tests ``gpu``;
 2. ``train``: a 2-epoch in-process ``train peeraid`` (synthetic 32x32, resnet18), its final figures;
 3. ``pgd20_check``: ``bench --pgd20-check`` on that checkpoint: PGD-20 accuracy in fp32 vs the fast path;
+   ``authors_peeraid``: ``bench --compare-authors-peeraid`` (resnet18, batch 128): our PeerAiD step in
+   strict fp32 and on the fast path against the authors'-code step (from the checkout's benchmarks/);
 4. ``bench:ARCH:PRECISION``: ``bench`` on synthetic 32x32 data for pgd_at, trades, peeraid, adaad and
    at_aka with resnet18 and wrn34_10 (batch 128) in fp32, tf32 (when the option table has it), bf16,
-   and bf16 with ``--compile all`` (the compiled runs last: they are the slowest to start).
+   and bf16 with ``--compile all`` (the compiled runs last: they are the slowest to start); each row
+   with its FLOPs per step and the share of the GPU's bf16 peak (``BF16_PEAK_TFLOPS``) it reaches.
 
 Without CUDA the GPU parts (2-4) are recorded as skipped, with the reason, and the check takes
 seconds; pytest still runs its selection (whose tests skip without CUDA).
@@ -36,9 +39,10 @@ BATCH = 128
 BENCH_STEPS, BENCH_WARMUP = 5, 2
 TRAIN = dict(method="peeraid", dataset="synthetic", student="resnet18", epochs=2)
 # part budgets (s); each part also stops at the check's overall deadline
-PYTEST_BUDGET, TRAIN_BUDGET, PGD20_BUDGET = 75, 90, 45
-BENCH_BUDGET = {"resnet18": 25, "wrn34_10": 40}  # per precision; compiled runs get COMPILE_BUDGET
+PYTEST_BUDGET, TRAIN_BUDGET, PGD20_BUDGET, AUTHORS_BUDGET = 60, 80, 40, 45
+BENCH_BUDGET = {"resnet18": 20, "wrn34_10": 35}  # per precision; compiled runs get COMPILE_BUDGET
 COMPILE_BUDGET = 45
+BF16_PEAK_TFLOPS = 790.0  # the H200's dense bf16 peak as measured on the device machine (device README)
 RESERVE = 5  # seconds kept back at the end for the last write
 
 PROBE = r"""

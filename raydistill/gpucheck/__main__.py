@@ -8,8 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import PGD20_BUDGET, REPO, TRAIN_BUDGET
-from .parts import bench_plan, part_bench, part_pgd20, part_pytest, part_train
+from . import AUTHORS_BUDGET, PGD20_BUDGET, REPO, TRAIN_BUDGET
+from .parts import bench_plan, part_authors, part_bench, part_pgd20, part_pytest, part_train
 from .record import Record
 from .runner import Runner, probe, setup, skipped
 
@@ -53,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             checkpoint = part_train(runner)
             part_pgd20(runner, checkpoint)
+            part_authors(runner)
             for arch, precision, compile_mode, budget in plan:
                 part_bench(runner, arch, precision, compile_mode, budget)
         else:
             reason = record.data["skip_reason"]
             record.part("train", skipped(reason, TRAIN_BUDGET))
             record.part("pgd20_check", skipped(reason, PGD20_BUDGET))
+            record.part("authors_peeraid", skipped(reason, AUTHORS_BUDGET))
             for arch, precision, compile_mode, budget in plan:
                 label = precision + ("+compile_" + compile_mode if compile_mode != "none" else "")
                 record.part(f"bench:{arch}:{label}", skipped(reason, budget))

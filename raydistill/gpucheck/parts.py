@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import (ARCHS, BATCH, BENCH_BUDGET, BENCH_STEPS, BENCH_WARMUP, COMPILE_BUDGET, METHODS, PGD20_BUDGET,
-               PYTEST_BUDGET, TRAIN, TRAIN_BUDGET)
+from . import (ARCHS, AUTHORS_BUDGET, BATCH, BENCH_BUDGET, BENCH_STEPS, BENCH_WARMUP, BF16_PEAK_TFLOPS, COMPILE_BUDGET,
+               METHODS, PGD20_BUDGET, PYTEST_BUDGET, TRAIN, TRAIN_BUDGET)
 from .runner import Runner, gpu_test_files, skipped
 
 
@@ -62,6 +62,20 @@ def part_pgd20(runner: Runner, checkpoint: str | None) -> None:
     runner.record.part("pgd20_check", entry)
 
 
+def part_authors(runner: Runner) -> None:
+    """Our PeerAiD step (strict fp32, fast path) against the authors'-code step, on the same GPU."""
+    out = runner.work / "authors.json"
+    argv = ["-m", "raydistill.bench", "--compare-authors-peeraid", "--methods", "peeraid", "--student", "resnet18",
+            "--dataset", "synthetic", "--image-size", "32", "--batch-size", str(BATCH), "--steps", str(BENCH_STEPS),
+            "--warmup", str(BENCH_WARMUP), "--rounds", "3", "--eval-examples", str(BATCH),
+            "--eval-batch-size", str(BATCH), "--summary-json", str(out)]
+    entry = runner.run("authors_peeraid", argv, AUTHORS_BUDGET, out)
+    r = entry.pop("result", None) or {}
+    if "compare_authors_peeraid" in r:
+        runner.record.data["authors_peeraid"] = r["compare_authors_peeraid"]
+    runner.record.part("authors_peeraid", entry)
+
+
 def bench_plan(precisions: list[str], compile_modes: list[str]) -> list[tuple[str, str, str, float]]:
     """(arch, precision, compile, budget) of each bench part: plain precisions first, compiled runs last."""
     plain = [p for p in ("fp32", "tf32", "bf16") if p in precisions]
@@ -89,7 +103,9 @@ def part_bench(runner: Runner, arch: str, precision: str, compile_mode: str, bud
             "method": row["method"], "arch": arch, "precision": label, "batch_size": row.get("batch_size"),
             "images_per_s": row.get("images_per_s"), "passes": row.get("passes"), "peak_mem_mb": row.get("peak_mem_mb"),
             "peak_mem_source": row.get("peak_mem_source"), "eval_images_per_s": row.get("eval_images_per_s"),
-            "step_time_s": row.get("step_time_s")})
+            "step_time_s": row.get("step_time_s"), "flops_per_step": row.get("flops_per_step"),
+            "tflops_per_s": row.get("tflops_per_s"),
+            "bf16_peak_share": row["tflops_per_s"] / BF16_PEAK_TFLOPS if row.get("tflops_per_s") else None})
     entry["methods_measured"] = [row["method"] for row in rows]
     if entry["status"] == "timeout" and rows:
         entry["status"] = "partial"  # some methods measured before the budget ran out

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import BATCH, BENCH_STEPS, BENCH_WARMUP, TRAIN
+from . import BATCH, BENCH_STEPS, BENCH_WARMUP, BF16_PEAK_TFLOPS, TRAIN
 
 # ============================================================================= the record
 class Record:
@@ -19,7 +19,7 @@ class Record:
         self.data: dict[str, Any] = {
             "schema": 1, "status": "running", "started": _now(), "finished": None, "budget_s": budget,
             "wall_s": 0.0, "cuda": False, "skip_reason": None, "environment": {}, "setup": {}, "parts": {},
-            "bench": [], "pgd20_check": None, "train": None}
+            "bench": [], "pgd20_check": None, "authors_peeraid": None, "train": None}
 
     def part(self, name: str, entry: dict[str, Any]) -> None:
         self.data["parts"][name] = entry
@@ -79,10 +79,12 @@ def markdown(d: dict[str, Any]) -> str:
     lines += ["", f"## Training throughput (bench: synthetic 32x32, batch {BATCH}, 10-step PGD, "
                   f"{BENCH_STEPS} timed steps after {BENCH_WARMUP})", ""]
     if d["bench"]:
-        lines += ["| method | arch | precision | images/s | passes (forward/backward per step) | peak memory MiB |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| method | arch | precision | images/s | passes (forward/backward per step) | peak memory MiB "
+                  f"| TFLOP/s | share of the bf16 peak ({BF16_PEAK_TFLOPS:.0f} TFLOP/s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['method']} | {r['arch']} | {r['precision']} | {_fmt(r['images_per_s'])} | "
-                  f"{_passes(r['passes'])} | {_fmt(r['peak_mem_mb'], '.0f')} |" for r in d["bench"]]
+                  f"{_passes(r['passes'])} | {_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r.get('tflops_per_s'))} | "
+                  f"{_fmt(100 * r['bf16_peak_share']) + ' %' if r.get('bf16_peak_share') else '-'} |" for r in d["bench"]]
     else:
         lines.append("No figures: " + (d.get("skip_reason") or "no bench part finished a method") + ".")
     lines += ["", "## PGD-20: fp32 vs the fast path (fixed model)", ""]
@@ -93,6 +95,14 @@ def markdown(d: dict[str, Any]) -> str:
                   f"{c['difference_points']:+.2f} points (target within {c['target_points']})"]
     else:
         lines.append("No figures: " + (d["parts"].get("pgd20_check", {}).get("reason") or "not run") + ".")
+    lines += ["", "## PeerAiD: our step against the authors'-code step (resnet18, batch 128)", ""]
+    a = d.get("authors_peeraid")
+    if a:
+        lines += [f"- {name}: {_fmt(v['images_per_s'])} images/s, x{v['speedup']:.3f} the authors' step"
+                  for name, v in a.items() if isinstance(v, dict) and "speedup" in v]
+        lines.append("- targets: strict fp32 at least x1.05, the fast path at least x2.0")
+    else:
+        lines.append("No figures: " + (d["parts"].get("authors_peeraid", {}).get("reason") or "not run") + ".")
     lines += ["", f"## Train: {TRAIN['epochs']}-epoch {TRAIN['method']}, in-process, tracking off", ""]
     t = d.get("train")
     if t:
