@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .data import iterate_batches, load_dataset
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
-from .sessions import LocalSession, RaySession, note_worker_niceness, usable_cpus
+from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_niceness, usable_cpus
 
 __all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
            "lr_at", "run_in_process", "train_worker", "usable_cpus"]  # usable_cpus: bench.py reads it here
@@ -101,14 +101,6 @@ def train_worker(config: dict) -> None:
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Piecewise-constant decay: lr * gamma^(number of milestones <= epoch)."""
     return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch >= m)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class Trainer:

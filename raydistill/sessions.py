@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import STATE_FILE, read_state
@@ -154,3 +155,12 @@ def note_worker_niceness() -> None:
     if nice > 0 and not torch.cuda.is_available() and ray.train.get_context().get_world_rank() == 0:
         print(f"[raydistill] note: Ray runs this worker at nice {nice}, below its own daemons; on a CPU node "
               "that costs speed: start Ray with RAY_worker_niceness=0 in the environment of `ray start`", flush=True)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sum of ``values`` over every rank (as they are with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
