@@ -37,13 +37,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": dict(dataset="digits", student="small_cnn", epochs=8, batch_size=64,
                        lr=0.05, lr_milestones=[6], val_size=200),
 }
+PRECISIONS = ("fp32", "tf32", "bf16")  # --precision: fastpath's docstring states the policy
 # training settings a search may tune beside the method's hyperparameters (name -> search default)
 TUNABLE_SETTINGS = {"lr": 0.1, "weight_decay": 5e-4}
 
 
 def _int_list(text: str, flag: str = "--lr-milestones") -> list[int]:
-    if isinstance(text, (list, tuple)):
-        text = ",".join(str(t) for t in text)
     try:
         out = [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
@@ -121,7 +120,7 @@ class TrainConfig:
     hp: dict = opt(None, None, factory=dict)
     precision: str = opt("fp32", group="speed", help="fp32 (default; strict: no TF32 on CUDA), tf32 (TF32 matmuls and convolutions "
                          "on CUDA) or bf16 autocast with losses in fp32; training only: evaluation is strict fp32",
-                         choices=("fp32", "tf32", "bf16"))
+                         choices=PRECISIONS)
     channels_last: bool = opt(False, bool, "speed", "NHWC memory format for the networks (same arithmetic)")
     fold_bn: bool = opt(False, bool, "speed", "attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
     input_grads_only: bool = opt(False, bool, "speed", "parameters' requires_grad off while attacking (input gradients only)")
@@ -306,8 +305,6 @@ def coerce_hparam(cls, name: str, value: Any) -> Any:
             raise UsageError(f"{where}: {name} of {method} is an integer; give e.g. {default}") from None
         if choices and out not in choices:
             raise UsageError(f"{where}: {name} of {method} must be one of {', '.join(map(str, choices))}")
-        if out < 0:
-            raise UsageError(f"{where}: {name} of {method} must be >= 0")
     elif isinstance(default, (float, Schedule)):
         out = parse_schedule(value, name)
     elif isinstance(default, str):

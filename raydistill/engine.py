@@ -35,10 +35,10 @@ from .config import TrainConfig
 from .data import iterate_batches, load_dataset
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
-from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_niceness, usable_cpus
+from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_niceness
 
 __all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
-           "lr_at", "run_in_process", "train_worker", "usable_cpus"]  # usable_cpus: bench.py reads it here
+           "lr_at", "run_in_process", "train_worker"]
 WORKER_SWITCH_INTERVAL_S = 0.05  # the GIL switch interval in Ray Train workers (see train_worker)
 
 

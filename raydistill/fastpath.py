@@ -51,7 +51,7 @@ the test attacks, ``evaluation.evaluate`` and so the evaluate command) always ru
 whatever ``--precision`` says: :func:`strict_fp32` turns TF32 off for its duration and restores
 the flags after (the engine never runs evaluation under autocast). Flipping TF32 is part of
 ``torch.compile``'s global-state guard: a compiled network used both in a tf32 training step and in
-evaluation keeps one compiled graph for each. Thread counts are ``TrainConfig.threads``. Integration points: :func:`prepare` on every network when it is built
+evaluation keeps one compiled graph for each. Thread counts are ``Placement.threads``. Integration points: :func:`prepare` on every network when it is built
 (before DDP wraps it), :func:`attack_views` where a method takes its networks for an attack, and
 :func:`inference_view` for evaluation forwards. A prepared network carries its settings as a plain
 attribute (not in its state_dict); a network that was never prepared runs as it is.
@@ -69,6 +69,7 @@ import torch.fx
 from torch import nn
 
 from . import attacks
+from .config import PRECISIONS  # --precision's choices (the option table's)
 
 @dataclasses.dataclass(frozen=True)
 class FastPath:
@@ -253,7 +254,6 @@ def inference_view(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- precision
-PRECISIONS = ("fp32", "tf32", "bf16")  # --precision's choices (the module docstring's policy)
 
 
 def tf32_flags() -> tuple[bool, bool]:

@@ -187,10 +187,12 @@ def root_cause(exc: BaseException) -> str:
 
 
 def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
+    from . import tracking
+
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     p = cfg.placement
     return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": p.name,
-            "mlflow_run_id": p.mlflow_run_id, "tracking_uri": None if p.tracking_uri == "none" else p.tracking_uri,
+            "mlflow_run_id": p.mlflow_run_id, "tracking_uri": None if tracking.is_off(p.tracking_uri) else p.tracking_uri,
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),

@@ -97,7 +97,7 @@ class IdleRay:
 
     def __exit__(self, *exc) -> None:
         if self._ticks is not None:  # measured from the end of __enter__
-            from ..engine import usable_cpus
+            from ..sessions import usable_cpus
 
             ticks = process_tree_ticks(self.proc.pid) or {}
             used_s = sum(t - self._ticks.get(pid, 0) for pid, t in ticks.items()) / os.sysconf("SC_CLK_TCK")

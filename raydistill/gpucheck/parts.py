@@ -5,8 +5,15 @@ import re
 from typing import Any
 
 from . import (ARCHS, AUTHORS_BUDGET, BATCH, BENCH_BUDGET, BENCH_STEPS, BENCH_WARMUP, BF16_PEAK_TFLOPS, COMPILE_BUDGET,
-               METHODS, PGD20_BUDGET, PYTEST_BUDGET, TRAIN, TRAIN_BUDGET)
-from .runner import Runner, gpu_test_files, skipped
+               METHODS, PGD20_BUDGET, PYTEST_BUDGET, REPO, TRAIN, TRAIN_BUDGET)
+from .runner import Runner, skipped
+
+
+def gpu_test_files() -> list[str]:
+    """Test files that mark tests ``gpu`` (``pytest.mark.gpu`` / ``pytestmark``): only those are
+    collected, so test modules that import Ray or MLflow are never imported on the GPU machine."""
+    tests = REPO / "tests"
+    return sorted(str(p.relative_to(REPO)) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text(errors="replace"))
 
 
 def part_pytest(runner: Runner, env_info: dict[str, Any]) -> None:
@@ -110,6 +117,3 @@ def part_bench(runner: Runner, arch: str, precision: str, compile_mode: str, bud
     if entry["status"] == "timeout" and rows:
         entry["status"] = "partial"  # some methods measured before the budget ran out
     runner.record.part(name, entry)
-
-
-# ============================================================================= the Markdown

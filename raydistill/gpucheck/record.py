@@ -114,6 +114,3 @@ def markdown(d: dict[str, Any]) -> str:
     else:
         lines.append("No figures: " + (d["parts"].get("train", {}).get("reason") or "not run") + ".")
     return "\n".join(lines) + "\n"
-
-
-# ============================================================================= main

@@ -155,11 +155,3 @@ def probe(env: dict[str, str]) -> dict[str, Any]:
         if line.startswith("PROBE "):
             return json.loads(line[len("PROBE "):])
     return {"probe_error": _tail(r.stderr or r.stdout, 5), "cuda_available": False}
-
-
-# ============================================================================= the parts
-def gpu_test_files() -> list[str]:
-    """Test files that mark tests ``gpu`` (``pytest.mark.gpu`` / ``pytestmark``): only those are
-    collected, so test modules that import Ray or MLflow are never imported on the GPU machine."""
-    tests = REPO / "tests"
-    return sorted(str(p.relative_to(REPO)) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text(errors="replace"))

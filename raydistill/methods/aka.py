@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import attacks
-from ..errors import UsageError
 from ..hparams import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, WEIGHT
 from ..losses import REDUCTIONS, ce, kl_to_probs, reduce
 from ..svgd import ParticleObjective, pairwise_distance, svgd
@@ -136,11 +135,6 @@ class AKAMethod(Method):
     ranges = {"alpha": FRACTION, "beta": NON_NEGATIVE, "svgd_steps": AT_LEAST_ONE, "svgd_step": NON_NEGATIVE,
               "svgd_gamma": WEIGHT, "svgd_sigma": POSITIVE}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}
-
-    @classmethod
-    def validate_config(cls, cfg) -> None:
-        if cfg.hp[cls.size] < 1:
-            raise UsageError(f"--set {cls.size}={cfg.hp[cls.size]}: {cls.name} needs at least 1 network")
 
     def names(self) -> list[str]:
         return [f"{self.members}{i}" for i in range(self.cfg.hp[self.size])]
