@@ -140,6 +140,25 @@ def test_store_checks(uri, tmp_path):
     assert tracking.run_exists(uri, run_id) and not tracking.run_exists(uri, "0" * 32)
 
 
+def test_a_local_store_in_rays_temporary_session_folder_is_refused(tmp_path, monkeypatch):
+    """As in a `ray job submit` job on a cluster without MLFLOW_TRACKING_URI: the job's current folder is Ray's
+    temporary copy of its working directory (this layout), where MLflow's default store ./mlflow.db would be lost
+    with Ray's temporary files. The real job: tests/test_job_submit.py."""
+    session = tmp_path / "ray" / "session_2026-01-02_03-04-05_678901_1234"
+    job = session / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    job.mkdir(parents=True)
+    (tmp_path / "ray" / "session_latest").symlink_to(session)
+    monkeypatch.chdir(job)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for given in (None, "mlflow.db", "mlruns", f"sqlite:///{job}/m.db", f"file://{tmp_path}/ray/session_latest/mlruns"):
+        with pytest.raises(UsageError, match=r"inside Ray's temporary session folder .* give --tracking-uri "
+                                             r"http://HEAD:5000 .* MLFLOW_TRACKING_URI in the environment of `ray start`"):
+            tracking.resolve_uri(given)
+    assert not list(job.iterdir())  # nothing created
+    for fine in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "session_notes")):
+        assert tracking.resolve_uri(fine).endswith(fine.rsplit("/", 1)[-1])
+
+
 # ----------------------------------------------------------------------------- source tree
 SOURCES = sorted((REPO / "raydistill").rglob("*.py"))
 OUTSIDE = [p for p in SOURCES if "tracking" not in p.relative_to(REPO / "raydistill").parts]

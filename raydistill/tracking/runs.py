@@ -3,6 +3,7 @@ it with a status and reason, find runs by kind, parent and name, log to them."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +23,10 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 OFF = "none"  # --tracking-uri none: no MLflow at all (train, evaluate); MLflow is not even imported
+# A folder of Ray's temporary files: TEMP_DIR/session_DATE_TIME_MICROS_PID (or its link session_latest). A job of
+# `ray job submit --working-dir` runs in a copy of that folder under it (runtime_resources/working_dir_files/...),
+# deleted when Ray cleans its temporary files.
+RAY_SESSION_DIR = re.compile(r"session_(latest|\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+)")
 
 
 # ============================================================================= store
@@ -44,7 +49,29 @@ def resolve_uri(uri: str | None) -> str:
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     elif "://" not in uri:
         uri = os.path.abspath(uri)
+    check_outside_ray_session(uri)
     return uri
+
+
+def check_outside_ray_session(uri: str) -> None:
+    """Refuse a local store (sqlite file or folder) inside Ray's temporary session folder: there, as in a
+    `ray job submit` job without MLFLOW_TRACKING_URI (MLflow's default store is ./mlflow.db, and the job's
+    current folder is Ray's temporary copy of its working directory), the runs would be deleted with it."""
+    path = local_path(uri)
+    if path is not None and any(RAY_SESSION_DIR.fullmatch(part) for part in os.path.realpath(path).split(os.sep)):
+        raise UsageError(f"the MLflow store {uri} is inside Ray's temporary session folder (a `ray job submit` job "
+                         "runs in a temporary copy of its --working-dir), which Ray deletes; give --tracking-uri "
+                         "http://HEAD:5000 (the cluster's MLflow server) or a path outside it, or set "
+                         "MLFLOW_TRACKING_URI in the environment of `ray start` on every node (docs/clusters.md)")
+
+
+def local_path(uri: str) -> str | None:
+    """The file (sqlite) or folder (file store) of a local store's resolved ``uri``; None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):]
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None if "://" in uri else uri
 
 
 def client(uri: str):
@@ -71,14 +98,11 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def open_store(uri: str | None) -> str:
     """The resolved ``uri`` of an existing, usable store; else a UsageError (and nothing is created)."""
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not os.path.isfile(path):
-            raise UsageError(f"--tracking-uri {uri}: no MLflow database at {path}")
-    elif uri.startswith("file:") or "://" not in uri:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not os.path.isdir(path):
-            raise UsageError(f"--tracking-uri {uri}: no MLflow store folder at {path}")
+    path = local_path(uri)
+    if path is not None and uri.startswith("sqlite:///") and not os.path.isfile(path):
+        raise UsageError(f"--tracking-uri {uri}: no MLflow database at {path}")
+    if path is not None and not uri.startswith("sqlite:///") and not os.path.isdir(path):
+        raise UsageError(f"--tracking-uri {uri}: no MLflow store folder at {path}")
     check_reachable(uri)
     try:
         client(uri).search_experiments(max_results=1)
