@@ -231,6 +231,57 @@ def upload(local: str | os.PathLike, uri: str) -> None:
         _call(uri, pafs.copy_files, str(local), path, pafs.LocalFileSystem(), fs_)
 
 
+# ----------------------------------------------------------------------------- a Ray cluster's nodes
+# The variables that point pyarrow's clients at a store (endpoint, credentials, region). Ray's workers take them
+# from the environment of `ray start` on their node, never from the driver's shell.
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def check_nodes_reach(uri: str) -> None:
+    """On the connected Ray cluster: open remote storage ``uri`` here and on every live node, as its workers will.
+    A store that this process cannot open, or that a node cannot, is a one-line UsageError; for a node, naming the
+    STORE_ENV variables that it lacks or has with another value than this process (compared by digest: no value
+    leaves its node)."""
+    if not is_remote(uri):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    problem, here = _probe(uri)
+    if problem:
+        raise UsageError(f"storage '{uri}' cannot be opened: {problem}; {ENV_HINT}")
+    probe = ray.remote(num_cpus=0)(_probe)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    results = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(uri) for n in nodes])
+    for node, (problem, there) in zip(nodes, results):
+        if problem:
+            names = [k for k in STORE_ENV if k in here and there.get(k) != here[k]]
+            raise UsageError(
+                f"storage '{uri}' cannot be opened on the Ray node {node['NodeManagerAddress']} ({problem}); Ray's workers "
+                "take the environment of `ray start` on their node, not this shell's"
+                + (f"; there {', '.join(names)} {'is' if len(names) == 1 else 'are'} missing or set otherwise than here"
+                   if names else "")
+                + ": set the store's endpoint and credentials in that environment on every node (docs/clusters.md)")
+
+
+def _probe(uri: str) -> tuple[str | None, dict[str, str]]:
+    """In this process: (why ``uri`` cannot be used here: its client's error, or its bucket missing; else None),
+    and the digests of the STORE_ENV variables set here."""
+    from pyarrow import fs
+
+    digests = {k: hashlib.sha256(os.environ[k].encode()).hexdigest() for k in STORE_ENV if k in os.environ}
+    try:
+        fs_, path = fs.FileSystem.from_uri(uri)
+        bucket = path.strip("/").split("/")[0]
+        if fs_.get_file_info(bucket).type == fs.FileType.NotFound:
+            return f"bucket '{bucket}' not found", digests
+    except Exception as exc:  # ArrowInvalid, OSError: whatever the store's client raises
+        return _first_line(exc), digests
+    return None, digests
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

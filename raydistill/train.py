@@ -17,6 +17,11 @@ from typing import Any
 
 # Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's preemption watcher, off unless set: its actor (restartable, its arguments in the object store)
+# makes every run print an error-level core_worker.cc line (Ray issue 53727). Ray Train passes the variable from
+# the process that starts a TorchTrainer (this driver, or a tune trial) to its controller. What the watcher
+# would add, and how to keep it: docs/clusters.md, "Quiet output".
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
@@ -72,6 +77,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage_root(p.storage_path),
                                          tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
+    if not cfg.placement.in_process:  # before the MLflow run: a cluster whose nodes cannot reach the storage is refused
+        init_ray(cfg.placement.storage_path, log_to_driver=not quiet)
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
         cfg = replace(cfg, placement=replace(cfg.placement,
@@ -105,8 +112,9 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
-def init_ray(**kwargs: Any) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0."""
+def init_ray(storage: str | None = None, **kwargs: Any) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0;
+    then refuse remote ``storage`` that a node cannot open (storage.check_nodes_reach)."""
     import ray
 
     if ray.is_initialized():
@@ -117,7 +125,32 @@ def init_ray(**kwargs: Any) -> None:
     # overhead). A value in the environment wins; clusters started with `ray start` need it in that
     # command's environment (clusters/ sets it).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(logging_level="ERROR", **kwargs)
+    # A local instance's processes inherit this process's environment while ray.init starts them: its dashboard
+    # address, so that Ray Train's PlacementGroupCleaner queries this instance (without it, beside another Ray
+    # instance on the machine, its monitor thread dies with a traceback: "Found multiple active Ray instances").
+    # Connecting to a cluster starts nothing and ignores the port; the cluster's nodes need RAY_ADDRESS instead.
+    local = {}
+    if not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
+        kwargs.setdefault("dashboard_port", free_port())
+        local = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{kwargs['dashboard_port']}"}
+    os.environ.update(local)
+    try:
+        ray.init(logging_level="ERROR", **kwargs)
+    finally:
+        for k in local:
+            os.environ.pop(k, None)
+    if storage:
+        from . import storage as stores
+
+        stores.check_nodes_reach(stores.root(storage))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpus_each(n: int) -> int:

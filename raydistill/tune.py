@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus_per_trial is not None:
         place["gpus_per_worker"] = args.gpus_per_trial / p.workers
     tracking.check_reachable(place["tracking_uri"])
-    init_ray()
+    init_ray(root)
     if p.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
         place["cpus_per_worker"] = cpus_each(max_concurrent * p.workers)
     cfg = replace(cfg, placement=replace(p, **place))

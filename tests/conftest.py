@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,14 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+# An error-level line of a run's output: a Ray C++ log line at level E or F ("[2026-01-01 00:00:00,000 E 12 34]
+# core_worker.cc:..."), a Python log record at ERROR or CRITICAL (or the job CLI's ERR), a traceback, an `error:` line
+ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [EF] \d+ \d+\]|\s(ERR|ERROR|CRITICAL)\s"
+                        r"|Traceback \(most recent call last\)|^error: ")
+
+
+def error_lines(text: str) -> list[str]:
+    """The error-level lines of ``text`` (a healthy run has none: README, "Quiet output")."""
+    return [ln for ln in text.splitlines() if ERROR_LINE.search(ln)]

@@ -6,7 +6,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_one_error_line, cli, run_args, summary, train_with_hooks
+from conftest import assert_one_error_line, cli, error_lines, run_args, summary, train_with_hooks
 from loop_hooks import KillOnce, WeightDigests
 from raydistill.engine import WORKER_SWITCH_INTERVAL_S
 
@@ -36,6 +36,7 @@ def test_pgd_at_on_two_workers_beats_natural_and_keeps_ranks_identical(workdir):
     assert r0["nice"] == r1["nice"] == 0  # not Ray's worker_niceness of 15 (train.init_ray)
     assert r0["student"] == r1["student"] and r0["student.buffers"] == r1["student.buffers"]
     assert "epoch 15/15" in adv.stdout + adv.stderr
+    assert not error_lines(adv.stdout + adv.stderr), error_lines(adv.stdout + adv.stderr)  # quiet: a healthy run
 
 
 def test_killed_worker_is_restarted_and_nothing_is_lost(workdir):

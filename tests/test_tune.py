@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, assert_one_error_line, cli
+from conftest import REPO, assert_one_error_line, cli, error_lines
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,7 @@ def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
     assert "test_aa_acc" in s["best"]["metrics"]  # AutoAttack on the top trial, written back to its run
     best_run = next(r for r in runs if r.info.run_id == s["best"]["mlflow_run_id"])
     assert "test/aa_acc" in best_run.data.metrics
+    assert not error_lines(proc.stdout + proc.stderr), error_lines(proc.stdout + proc.stderr)  # quiet, with ASHA stops
 
 
 def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
