@@ -203,10 +203,57 @@ def test_no_secrets(path):
 
 
 def test_local_script():
-    """Valid bash; Ray and MLflow on 127.0.0.1; never `ray stop`, which would stop every Ray on the machine."""
+    """Valid bash; a head and a second node; Ray, MLflow and S3 on 127.0.0.1; never `ray stop`, which would stop
+    every Ray on the machine; `submit` gives neither --tracking-uri nor --storage-path (`ray start` has them)."""
     assert subprocess.run(["bash", "-n", str(LOCAL)]).returncode == 0
     text = LOCAL.read_text()
-    for needle in ("ray start --head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                   "ray job submit", "--working-dir .", "python -m raydistill.tune", "--preset quickstart"):
+    for needle in ("ray start --head", "ray start --address=", "--block", "--temp-dir=", "--node-ip-address=127.0.0.1",
+                   "--dashboard-host=127.0.0.1", "moto_server -H 127.0.0.1", "ray job submit", "--working-dir .",
+                   "python -m raydistill.tune", "--preset quickstart"):
         assert needle in text, needle
-    assert "ray stop" not in "\n".join(commands(LOCAL))
+    cmds = commands(LOCAL)
+    assert "ray stop" not in "\n".join(cmds)
+    submit = [c for c in cmds if "ray job submit" in c]
+    assert submit and not any("--tracking-uri" in c or "--storage-path" in c for c in submit), submit
+
+
+# ============================================================================= the cluster's environment
+# A job's command and every Ray worker take the environment of `ray start` on their node (not that of the shell
+# that submits): every file starts Ray with the MLflow server and the storage in it, so that `ray job submit --
+# python -m raydistill.tune ...` logs and stores there with no flags.
+CLUSTER_VARS = ("MLFLOW_TRACKING_URI", "RAYDISTILL_STORAGE")
+STORAGE_URI = re.compile(r"^(s3|gs)://\S+$")
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=ids(LAUNCHER))
+def test_every_ray_start_of_a_launcher_config_has_the_cluster_environment(path):
+    cfg = yaml.safe_load(path.read_text())
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2, starts
+    for cmd in starts:
+        exported = dict(re.findall(r"\b([A-Z_]+)=(\S+?);?(?=\s)", cmd.split("ray start")[0] + " "))
+        assert set(CLUSTER_VARS) <= set(exported), cmd
+        assert exported["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+        assert STORAGE_URI.match(exported["RAYDISTILL_STORAGE"]), exported
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=ids(KUBERAY))
+def test_every_ray_container_of_kuberay_has_the_cluster_environment(path):
+    spec = yaml.safe_load(path.read_text())["spec"]
+    spec = spec.get("rayClusterSpec", spec)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert all(env.get(v) for v in CLUSTER_VARS), (c["name"], env)
+            assert STORAGE_URI.match(env["RAYDISTILL_STORAGE"]), env
+
+
+def test_every_ray_start_of_the_local_script_has_the_cluster_environment():
+    text = LOCAL.read_text()
+    block = re.search(r"^CLUSTER_ENV=\((.*?)\)$", text, flags=re.S | re.M)
+    assert block, "no CLUSTER_ENV=(...) in local.sh"
+    env = dict(re.findall(r"\b([A-Z_]+)=(\S+)", block.group(1)))
+    assert set(CLUSTER_VARS) | {"AWS_ENDPOINT_URL", "RAY_ADDRESS"} <= set(env), env
+    starts = [c for c in commands(LOCAL) if "ray start" in c]
+    assert len(starts) == 2, starts  # the head and the other nodes
+    assert all('env "${CLUSTER_ENV[@]}" ray start' in c for c in starts), starts
