@@ -253,8 +253,11 @@ def check_nodes_reach(uri: str) -> None:
         raise UsageError(f"storage '{uri}' cannot be opened: {problem}; {ENV_HINT}")
     probe = ray.remote(num_cpus=0)(_probe)
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    results = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                       .remote(uri) for n in nodes])
+    try:
+        results = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(uri) for n in nodes])
+    except ray.exceptions.RayError:  # the probe could not run (a node lost meanwhile, another raydistill there)
+        return
     for node, (problem, there) in zip(nodes, results):
         if problem:
             names = [k for k in STORE_ENV if k in here and there.get(k) != here[k]]
