@@ -40,12 +40,6 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_root(path: str | None) -> str:
-    """Where runs and checkpoints live: a local folder or a pyarrow filesystem URI (s3://, gs://)."""
-    path = path or os.environ.get("RAYDISTILL_STORAGE") or os.path.join(Path.home(), "ray_results")
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
     from .checkpoint import load_model
@@ -62,16 +56,21 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-           quiet: bool = False, hooks: tuple | list = ()) -> dict[str, Any]:
+           quiet: bool = False, hooks: tuple | list = (), check_storage: bool = True) -> dict[str, Any]:
     """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md). ``hooks``
-    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers)."""
-    from . import tracking
+    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers).
+    ``check_storage``: check that every node reaches the storage first (a search checks it once)."""
+    from . import storage, tracking
 
     p = cfg.placement
     off = tracking.is_off(p.tracking_uri)  # --tracking-uri none: no MLflow run, MLflow not imported
-    cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage_root(p.storage_path),
+    cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage.root(p.storage_path),
                                          tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
+    if not cfg.placement.in_process:
+        init_ray(log_to_driver=not quiet)
+        if check_storage:
+            require_shared_storage(cfg.placement.storage_path)  # before any run exists
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
         cfg = replace(cfg, placement=replace(cfg.placement,
@@ -86,6 +85,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
             metrics, checkpoint = session.final_metrics, session.checkpoint_path
         else:
             metrics, checkpoint = run_ray(cfg, callbacks or [], quiet, hooks)
+            storage.prune_checkpoints(p.run_dir())  # also folders Ray never registered (a worker died first)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
@@ -118,6 +118,46 @@ def init_ray(**kwargs: Any) -> None:
     # command's environment (clusters/ sets it).
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(logging_level="ERROR", **kwargs)
+
+
+def require_shared_storage(root: str) -> None:
+    """Storage every node of the connected cluster reaches, checked before any run exists: a node-local
+    folder on a cluster of several nodes is refused (Ray would fail at the first checkpoint, the cause in a
+    worker's log), and a remote URI is opened from every node (whose processes take the environment of
+    `ray start`, not this shell's: endpoint and credentials must be there)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from . import storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_remote(root):
+        if len(nodes) > 1 and not os.environ.get("RAYDISTILL_SHARED_FS"):
+            raise UsageError(
+                f"storage '{root}' is a folder on this node, but the Ray cluster has {len(nodes)} nodes and every "
+                "worker writes checkpoints there: shared storage is needed; give --storage-path s3://BUCKET/PATH or "
+                "gs://BUCKET/PATH (or set RAYDISTILL_STORAGE in the environment of `ray start`), or set "
+                "RAYDISTILL_SHARED_FS=1 if that folder is a shared filesystem mounted on every node")
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_open_storage)
+    errors = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(root)
+                      for n in nodes])
+    bad = [(n["NodeManagerAddress"], e) for n, e in zip(nodes, errors) if e]
+    if bad:
+        raise UsageError(f"storage '{root}' cannot be opened from {len(bad)} of the cluster's {len(nodes)} nodes "
+                         f"({bad[0][0]}: {bad[0][1]}); Ray's workers take the environment of `ray start`, not this "
+                         f"shell's: set the storage endpoint and credentials there on every node (docs/clusters.md)")
+
+
+def _open_storage(root: str) -> str | None:
+    """On one node: None if ``root`` can be opened there, else why not (one line)."""
+    from . import storage
+
+    try:
+        storage.info(root)
+    except Exception as exc:  # noqa: BLE001 - reported by the driver in one line
+        return root_cause(exc)[:300]
+    return None
 
 
 def cpus_each(n: int) -> int:
@@ -163,9 +203,10 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    ckpt = result.checkpoint
-    path = ckpt.path if ckpt is not None and "://" not in p.storage_path else None
-    return dict(result.metrics or {}), path
+    from .storage import uri_of
+
+    ckpt = result.checkpoint  # its path lacks the URI's scheme (s3://) on remote storage
+    return dict(result.metrics or {}), uri_of(p.storage_path, ckpt.path) if ckpt is not None else None
 
 
 def root_cause(exc: BaseException) -> str:
@@ -187,13 +228,13 @@ def root_cause(exc: BaseException) -> str:
 
 
 def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
-    from . import tracking
+    from . import storage, tracking
 
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     p = cfg.placement
     return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": p.name,
             "mlflow_run_id": p.mlflow_run_id, "tracking_uri": None if tracking.is_off(p.tracking_uri) else p.tracking_uri,
-            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+            "checkpoint": (checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint)) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),
             "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),
