@@ -161,10 +161,12 @@ def _open_storage(root: str) -> str | None:
 
 
 def cpus_each(n: int) -> int:
-    """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription."""
+    """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription,
+    and never more than the largest node has (a worker runs on one node)."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // n))
+    nodes = [n_["Resources"].get("CPU", 0) for n_ in ray.nodes() if n_.get("Alive")] or [1]
+    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // n, max(nodes))))
 
 
 def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list = ()) -> tuple[dict, str | None]:
