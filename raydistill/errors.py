@@ -18,6 +18,12 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., None]:
     """Wrap a command's ``main(argv)`` so UsageError prints one line and exits 2, never a traceback."""
 
