@@ -30,24 +30,26 @@ def fetch(url: str, md5: str | None, data_dir: Path, folder: str, *, what: str, 
     from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
     dest = data_dir / folder
-    with storage.file_lock(data_dir / LOCK):
-        if complete(dest):  # another process of this machine fetched it while this one waited
-            return
-        for old in data_dir.glob(PARTIAL + "*"):  # left by a download that failed or was killed
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=data_dir))
-        try:
+    try:
+        with storage.file_lock(data_dir / LOCK):
+            if complete(dest):  # another process of this machine fetched it while this one waited
+                return
+            for old in data_dir.glob(PARTIAL + "*"):  # left by a download that failed or was killed
+                shutil.rmtree(old, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=data_dir))
             try:
                 download_and_extract_archive(url, download_root=str(tmp), md5=md5, remove_finished=True)
-            except Exception as exc:  # network and archive errors come in many types; all mean the same here
-                raise UsageError(f"could not download {what} into --data-dir {data_dir} from {url} "
-                                 f"({first_line(exc)}); {hint}") from None
-            bad = [name for name, digest in file_md5s if not check_integrity(str(tmp / folder / name), digest)]
-            if not (tmp / folder).is_dir() or bad:
-                raise UsageError(f"the {what} archive from {url} has no {folder}/ or files failing their md5 check "
-                                 f"({', '.join(bad) or folder}); {hint}")
-            if dest.exists():  # an incomplete folder (files missing): replaced as a whole
-                os.replace(dest, tmp / "replaced")
-            os.replace(tmp / folder, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                bad = [name for name, digest in file_md5s if not check_integrity(str(tmp / folder / name), digest)]
+                if not (tmp / folder).is_dir() or bad:
+                    raise UsageError(f"the {what} archive from {url} has no {folder}/ or files failing their md5 "
+                                     f"check ({', '.join(bad) or folder}); {hint}")
+                if dest.exists():  # an incomplete folder (files missing): replaced as a whole
+                    os.replace(dest, tmp / "replaced")
+                os.replace(tmp / folder, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # network, archive and file-system errors come in many types; all mean the same here
+        raise UsageError(f"could not download {what} into --data-dir {data_dir} from {url} ({first_line(exc)}); "
+                         f"{hint}") from None

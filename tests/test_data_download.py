@@ -121,6 +121,20 @@ def test_download_cut_off_is_one_line_and_the_next_one_downloads_it_whole(tmp_pa
     assert listing(data) == [LOCK, FOLDER] and listing(data / FOLDER) == sorted(set(archive[1]) - {"cifar-10-python.tar.gz"})
 
 
+def test_files_failing_their_md5_are_not_put_in_place_and_an_incomplete_folder_is_replaced(tmp_path, archive,
+                                                                                           serve, monkeypatch):
+    srv, data = serve(), tmp_path / "data"
+    (data / FOLDER).mkdir(parents=True)
+    (data / FOLDER / "data_batch_1").write_text("left by an older, interrupted download")
+    point_torchvision_at(srv.url, {**archive[1], "test_batch": "0" * 32}, monkeypatch.setattr)
+    with pytest.raises(UsageError, match=r"files failing their md5 check \(test_batch\)"):
+        load_dataset("cifar10", data, download=True, val_size=0)
+    assert listing(data) == [LOCK, FOLDER] and listing(data / FOLDER) == ["data_batch_1"]
+    point_torchvision_at(srv.url, archive[1], monkeypatch.setattr)
+    assert len(load_dataset("cifar10", data, download=True, val_size=0).train_y) == 100
+    assert listing(data) == [LOCK, FOLDER] and md5(data / FOLDER / "data_batch_1") == archive[1]["data_batch_1"]
+
+
 def test_missing_archive_is_one_line_naming_the_folder(tmp_path, serve, monkeypatch):
     import torchvision
 
@@ -132,6 +146,14 @@ def test_missing_archive_is_one_line_naming_the_folder(tmp_path, serve, monkeypa
     assert "\n" not in msg and msg.startswith(f"could not download CIFAR-100 into --data-dir {data}"), msg
     assert "HTTP Error 404" in msg and f"{data}/cifar-100-python/" in msg, msg
     assert listing(data) == [LOCK] and srv.downloads == 0
+
+
+def test_data_dir_that_cannot_be_written_is_one_line(tmp_path, serve):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError) as err:  # (a folder without write permission is the same, but not for root)
+        load_dataset("cifar10", tmp_path / "file" / "data", download=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"could not download CIFAR-10 into --data-dir {tmp_path}/file/data"), msg
 
 
 def test_tinyimagenet_download_takes_the_same_path(tmp_path, monkeypatch):
