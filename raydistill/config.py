@@ -99,8 +99,10 @@ class TrainConfig:
 
     method: str = opt("natural", None)
     dataset: str = opt("digits", group="data", help="one of {datasets} (default digits)")
-    data_dir: str | None = opt(None, group="data", help="folder with the dataset files (downloaded there with --download)")
-    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing")
+    data_dir: str | None = opt(None, group="data", help="folder with the dataset files, or a URI of one (s3://, gs://) "
+                                                         "that each node copies once")
+    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing "
+                                              "(once per node; the other workers wait for it)")
     dataset_options: dict = opt(None, None, factory=dict)
     val_size: int | None = opt(None, cli.nonneg_int, "data", "held-out validation images from the training split (0: use the test split, as the authors' code does)")
     student: str = opt("resnet18", group="models", help="student architecture")

@@ -38,7 +38,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--step-size", type=nonneg_float, help="PGD/CW step (default: the training step size, else eps/4)")
     p.add_argument("--n-examples", type=positive_int, help="evaluate the first N test examples (default all)")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="dataset folder, or a URI of one (default: the checkpoint's)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when present)")
     p.add_argument("--arch", help="architecture of an external state_dict (or a check of the checkpoint's)")

@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
-from .errors import UsageError, cli_entry
+from .errors import USAGE_ERROR_PREFIX, UsageError, cli_entry
 
 
 class TrainingFailed(RuntimeError):
@@ -96,6 +96,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
+        if reason.startswith(USAGE_ERROR_PREFIX):  # bad input that a Ray worker found (e.g. a failed --download)
+            raise UsageError(reason[len(USAGE_ERROR_PREFIX):]) from None
         raise TrainingFailed(reason) from exc
     if p.mlflow_run_id:
         if checkpoint:
