@@ -53,7 +53,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """Load a torch file with weights_only=True; any failure is a one-line UsageError."""
+    """Load a torch file (or a checkpoint folder's model.pt; local or remote: s3://, gs://) with
+    weights_only=True; any failure is a one-line UsageError."""
+    from . import storage
+
+    if storage.is_remote(path):  # read through the local cache (raydistill.storage)
+        uri = str(path).rstrip("/")
+        if not storage.exists(uri):
+            raise UsageError(f"{what} '{uri}' does not exist; give a raydistill checkpoint folder or a .pt/.pth state_dict file")
+        if storage.is_dir(uri):
+            if not storage.exists(storage.join(uri, MODEL_FILE)):
+                raise UsageError(f"{what} folder '{uri}' has no {MODEL_FILE}; give a raydistill checkpoint folder or a .pt/.pth file")
+            uri = storage.join(uri, MODEL_FILE)
+        path = storage.local_copy(uri, what)
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{what} '{path}' does not exist; give a raydistill checkpoint folder or a .pt/.pth state_dict file")

@@ -73,7 +73,9 @@ class Placement:
     """Where a run runs and is tracked; filled once by the launcher (train, tune, study, bench)."""
 
     name: str | None = opt(None, group="run", help="run name; relaunching an interrupted run with the same name resumes it")
-    storage_path: str | None = opt(None, group="run", help="runs and checkpoints folder or URI (default ~/ray_results)")
+    storage_path: str | None = opt(None, group="run", help="runs and checkpoints: a folder, or a URI of shared storage "
+                                   "(s3://BUCKET/PATH, gs://...; endpoint and credentials from the standard environment "
+                                   "variables); default $RAYDISTILL_STORAGE, else ~/ray_results")
     workers: int = opt(1, cli.nonneg_int, "run", "Ray Train workers (default 1; 0 = in-process, no Ray)")
     in_process: bool = opt(False, None)
     gpus_per_worker: float | None = opt(None, cli.nonneg_float, "run", "default: 1 if a GPU is present, else 0")
@@ -85,8 +87,10 @@ class Placement:
     mlflow_run_id: str | None = opt(None, None)
 
     def run_dir(self) -> str:
-        """The run's folder (the launcher has made ``storage_path`` absolute)."""
-        return os.path.join(self.storage_path or "", self.name or "run")
+        """The run's folder or URI (the launcher has made ``storage_path`` absolute)."""
+        from .storage import join
+
+        return join(self.storage_path or "", self.name or "run")
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,10 @@ class TrainConfig:
 
     method: str = opt("natural", None)
     dataset: str = opt("digits", group="data", help="one of {datasets} (default digits)")
-    data_dir: str | None = opt(None, group="data", help="folder with the dataset files (downloaded there with --download)")
-    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing")
+    data_dir: str | None = opt(None, group="data", help="folder with the dataset files, or a URI of one (s3://, gs://) "
+                                                         "that each node copies once")
+    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing "
+                                              "(once per node; the other workers wait for it)")
     dataset_options: dict = opt(None, None, factory=dict)
     val_size: int | None = opt(None, cli.nonneg_int, "data", "held-out validation images from the training split (0: use the test split, as the authors' code does)")
     student: str = opt("resnet18", group="models", help="student architecture")
@@ -336,6 +342,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--batch-size {cfg.batch_size} is smaller than --workers {p.workers}; each worker needs at least one image")
     if p.name is not None and (not p.name or "/" in p.name or p.name.startswith(".")):
         raise UsageError(f"--name {p.name!r} must be a plain folder name (no '/', not starting with '.')")
+    if p.in_process and "://" in (p.storage_path or os.environ.get("RAYDISTILL_STORAGE") or ""):
+        raise UsageError("--workers 0 (in-process) keeps its checkpoints in a local folder; give a local --storage-path "
+                         "(or unset RAYDISTILL_STORAGE), or --workers >= 1 for remote storage")
     for flag, path in (("--teacher", cfg.teacher), ("--natural-teacher", cfg.natural_teacher), ("--data-dir", cfg.data_dir)):
         if path is not None and "://" not in path and not os.path.exists(path) and not (flag == "--data-dir" and cfg.download):
             raise UsageError(f"{flag} '{path}' does not exist")

@@ -8,6 +8,10 @@ images are uint8 (N, C, H, W) when the source is uint8 and float32 in [0, 1] oth
 CIFAR integrity: the files are read by torchvision's CIFAR10/CIFAR100 classes, which check the official
 md5 sums. Present files that fail that check are reported as a one-line UsageError (delete them and
 download again) rather than silently accepted; the tests replace torchvision's ``check_integrity``.
+
+``--data-dir`` is a local folder or a URI (``s3://``, ``gs://``) of one, which each node copies once
+(``storage.node_mirror``); every reader goes through ``load_dataset``. ``--download`` fetches a missing
+dataset once per node, under a lock, complete or not at all (``downloads.fetch``).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UsageError
+from . import downloads, storage
+from .errors import UsageError, first_line
 from .registry import Registry
 
 DEFAULT_DATA_DIR = "data"
@@ -86,9 +91,10 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
                  **options) -> Dataset:
     """Load dataset ``name`` and carve a fixed, stratified validation holdout out of its training split.
 
-    ``val_size``: number of held-out training samples (default 10% of train, at most 1000); ``0`` uses
-    the test split as validation (as the original papers' code does). ``options`` go to the loader
-    (only ``synthetic`` takes any: shape, num_classes, n_train, n_test, seed).
+    ``data_dir``: a folder, or a URI of one (copied to this node once, then read there). ``val_size``:
+    number of held-out training samples (default 10% of train, at most 1000); ``0`` uses the test split
+    as validation (as the original papers' code does). ``options`` go to the loader (only ``synthetic``
+    takes any: shape, num_classes, n_train, n_test, seed).
     """
     loader = DATASETS.get(name).loader
     accepted = [p for p in inspect.signature(loader).parameters if p not in ("data_dir", "download")]
@@ -96,7 +102,14 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
     if unknown:
         raise UsageError(f"dataset '{name}' has no option {', '.join(unknown)}; "
                          f"it accepts: {', '.join(accepted) or 'none'}")
-    s = loader(data_dir=Path(data_dir or DEFAULT_DATA_DIR), download=download, **options)
+    source = str(data_dir or DEFAULT_DATA_DIR)
+    local = storage.node_mirror(source)  # a remote --data-dir: this node's copy, made once per node
+    try:
+        s = loader(data_dir=local, download=download, **options)
+    except UsageError as exc:
+        if not storage.is_remote(source):
+            raise
+        raise UsageError(f"{exc} (--data-dir {source}, copied to this node as {local})") from None
     n = len(s.train_y)
     val_size = min(VAL_CAP, int(VAL_FRACTION * n)) if val_size is None else int(val_size)
     if val_size == 0:
@@ -118,7 +131,7 @@ def stratified_split(y: Tensor, n_holdout: int, seed: int = HOLDOUT_SEED) -> tup
     try:
         keep, held = train_test_split(np.arange(len(y)), test_size=n_holdout, stratify=y.numpy(), random_state=seed)
     except ValueError as exc:  # e.g. a class with a single sample
-        raise UsageError(f"cannot hold out {n_holdout} samples stratified by class: {_first_line(exc)}") from None
+        raise UsageError(f"cannot hold out {n_holdout} samples stratified by class: {first_line(exc)}") from None
     return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
 
 
@@ -136,20 +149,21 @@ def _cifar(cls_name: str, folder: str, files: str, data_dir: Path, download: boo
     cls = getattr(torchvision.datasets, cls_name)
     pretty = cls_name.replace("CIFAR", "CIFAR-")
     where = f"expected {data_dir / folder}/ with {files} (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)"
-    present = all((data_dir / folder / f).is_file() for f, _ in cls.train_list + cls.test_list)
-    if not present:
+    listed = cls.train_list + cls.test_list  # (name, md5) of the data files
+
+    def present(root: Path) -> bool:
+        return all((root / f).is_file() for f, _ in listed)
+
+    if not present(data_dir / folder):
         if not download:
             raise UsageError(f"{pretty} not found in --data-dir {data_dir}: {where}; or allow downloading (--download)")
-        try:
-            cls(root=str(data_dir), train=True, download=True)
-        except Exception as exc:  # network errors come in many types; all mean the same to the user
-            raise UsageError(f"could not download {pretty} into --data-dir {data_dir} ({_first_line(exc)}); "
-                             f"{where}") from None
+        downloads.fetch(cls.url, cls.tgz_md5, data_dir, folder, what=pretty, hint=where, complete=present,
+                        file_md5s=[*listed, (cls.meta["filename"], cls.meta["md5"])])
     try:
         train, test = (cls(root=str(data_dir), train=t, download=False) for t in (True, False))
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
         raise UsageError(f"{pretty} files in --data-dir {data_dir} are unreadable or fail torchvision's md5 check "
-                         f"({_first_line(exc)}); delete {data_dir / folder} and download it again") from None
+                         f"({first_line(exc)}); delete {data_dir / folder} and download it again") from None
 
     def images(ds) -> Tensor:
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
@@ -183,16 +197,16 @@ def load_tinyimagenet(data_dir: Path, download: bool) -> _Splits:
     """
     root = data_dir / "tiny-imagenet-200"
     layout = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
-    if not (root / "wnids.txt").is_file():
+
+    def present(folder: Path) -> bool:
+        return (folder / "wnids.txt").is_file()
+
+    if not present(root):
         if not download:
             raise UsageError(f"TinyImageNet not found in --data-dir {data_dir}: expected {root}/ with {layout} "
                              f"(unzip {TINY_URL}); or allow downloading (--download)")
-        from torchvision.datasets.utils import download_and_extract_archive
-        try:
-            download_and_extract_archive(TINY_URL, download_root=str(data_dir), md5=TINY_MD5, remove_finished=True)
-        except Exception as exc:  # network errors come in many types; all mean the same to the user
-            raise UsageError(f"could not download TinyImageNet into --data-dir {data_dir} ({_first_line(exc)}); "
-                             f"unzip {TINY_URL} there so that {root}/ holds {layout}") from None
+        downloads.fetch(TINY_URL, TINY_MD5, data_dir, root.name, what="TinyImageNet", complete=present,
+                        hint=f"unzip {TINY_URL} there so that {root}/ holds {layout}")
     wnids = sorted((root / "wnids.txt").read_text().split())
     label = {w: i for i, w in enumerate(wnids)}
     train_files = [(p, label[w]) for w in wnids for p in sorted((root / "train" / w / "images").glob("*.JPEG"))]
@@ -202,7 +216,7 @@ def load_tinyimagenet(data_dir: Path, download: bool) -> _Splits:
         val_files = [(root / "val" / "images" / f, label[w]) for f, w in rows]
     except (OSError, KeyError, ValueError) as exc:
         raise UsageError(f"TinyImageNet in {root} has a missing or malformed val/val_annotations.txt "
-                         f"({_first_line(exc)}); expected tab-separated lines: filename, wnid, bbox") from None
+                         f"({first_line(exc)}); expected tab-separated lines: filename, wnid, bbox") from None
     if not train_files or not val_files:
         raise UsageError(f"TinyImageNet in {root} has no training or validation images; expected {layout}")
     train_x, train_y = _read_images(train_files)
@@ -220,7 +234,7 @@ def _read_images(files: list[tuple[Path, int]]) -> tuple[Tensor, Tensor]:
             with Image.open(path) as im:
                 arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         except OSError as exc:
-            raise UsageError(f"cannot read image {path}: {_first_line(exc)}") from None
+            raise UsageError(f"cannot read image {path}: {first_line(exc)}") from None
         if arrays[-1].shape != arrays[0].shape:
             raise UsageError(f"image {path} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}, "
                              f"but {files[0][0]} is {arrays[0].shape[1]}x{arrays[0].shape[0]}")
@@ -275,11 +289,6 @@ def load_synthetic(data_dir: Path, download: bool, shape=(3, 32, 32), num_classe
     train_x, train_y = sample(int(n_train))
     test_x, test_y = sample(int(n_test))
     return _Splits(train_x, train_y, test_x, test_y, int(num_classes), hflip=True, crop_pad=min(4, h // 8))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- augmentation and batching

@@ -33,6 +33,7 @@ from . import fastpath
 from .checkpoint import TrainingState, load_model
 from .config import TrainConfig
 from .data import iterate_batches, load_dataset
+from .errors import not_a_usage_error
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
 from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_niceness
@@ -76,10 +77,11 @@ def train_worker(config: dict) -> None:
     import logging
 
     # our own progress line says enough; some Ray Train modules name their logger by file path
-    # ("Reporting training result ..." at INFO, once per epoch and rank)
+    # ("Reporting training result ..." at INFO, once per epoch and rank); bad input, one line from the driver
     by_path = os.path.join("ray", "train", "")
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or by_path in n] + ["ray.train"]:
         logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).addFilter(not_a_usage_error)
     # Ray Train runs this function in a thread of the worker actor, whose main thread asks for the GIL
     # every 10 ms (Ray's signal check). At CPython's default switch interval (5 ms) each request takes
     # the GIL from the training thread; while it waits to get it back, the intra-op (OpenMP) threads

@@ -14,8 +14,24 @@ class UsageError(Exception):
     """
 
 
+# how a traceback's last line names a UsageError: Ray Train sends a worker's exception to the driver so
+USAGE_ERROR_PREFIX = f"{UsageError.__module__}.{UsageError.__qualname__}: "
+
+
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def not_a_usage_error(record) -> bool:
+    """A logging filter for Ray Train's loggers in a worker: drops the record that logs a UsageError with its
+    traceback (the driver reports bad input that a worker found in one line: train.launch)."""
+    return USAGE_ERROR_PREFIX not in record.getMessage()
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., None]:

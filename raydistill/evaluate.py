@@ -1,6 +1,7 @@
 """``python -m raydistill.evaluate CHECKPOINT``: robust accuracy of a checkpoint on a test split.
 
-CHECKPOINT is a raydistill checkpoint folder (or its model.pt), or an external state_dict file
+CHECKPOINT is a raydistill checkpoint folder (or its model.pt), local or in remote storage (s3://, gs://:
+read through raydistill.storage's cache), or an external state_dict file
 together with ``--arch``, ``--num-classes`` and ``--dataset``. eps, step size, dataset and data folder
 default to the values the checkpoint was trained with (else 8/255, eps/4). Every argument is checked
 before any data or model is loaded; a bad one prints one ``error:`` line and exits with code 2.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .checkpoint import FORMAT, safe_load
 from .cli import ArgParser, nonneg_float, nonneg_int, positive_int
 from .errors import UsageError, cli_entry
@@ -36,7 +38,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--step-size", type=nonneg_float, help="PGD/CW step (default: the training step size, else eps/4)")
     p.add_argument("--n-examples", type=positive_int, help="evaluate the first N test examples (default all)")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="dataset folder, or a URI of one (default: the checkpoint's)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when present)")
     p.add_argument("--arch", help="architecture of an external state_dict (or a check of the checkpoint's)")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         DATASETS.get(args.dataset)
     if args.arch is not None:
         MODELS.get(args.arch)
-    path = Path(args.checkpoint)
+    path = args.checkpoint if storage.is_remote(args.checkpoint) else Path(args.checkpoint)
     record = safe_load(path, "checkpoint")  # a missing or unreadable file is a UsageError
     ours = isinstance(record, dict) and record.get("format") == FORMAT and "arch" in record
     meta = dict(record.get("meta", {})) if ours else {}
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(model, data.test_x[:n], data.test_y[:n], attacks, eps=eps, step_size=step_size,
                        batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed)
 
-    summary = {"checkpoint": os.path.abspath(path), "arch": arch, "dataset": dataset, "eps": eps,
+    summary = {"checkpoint": path if storage.is_remote(path) else os.path.abspath(path), "arch": arch, "dataset": dataset, "eps": eps,
                "step_size": step_size, "n_examples": n, "attacks": attacks, "seed": args.seed, "metrics": metrics}
     print(_table(summary))
     if args.summary_json:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import tracking
+from . import storage, tracking
 from .cli import ArgParser
 from .errors import UsageError, cli_entry
 
@@ -46,7 +46,7 @@ def parser() -> ArgParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--parent-run-id", metavar="ID", help="only the child runs of this parent run (a search)")
     which.add_argument("--search", metavar="NAME", help="only the trials of the search NAME (tune's --name)")
-    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--out", default="report", help="output folder or storage URI (s3://, gs://; default ./report)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the outputs as artifacts: of the search's parent run, else of a new 'report' run")
     return p
@@ -303,7 +303,8 @@ def check_out_dir(path: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    out = check_out_dir(args.out)
+    remote = storage.is_remote(args.out)  # s3://, gs://: written here, then uploaded
+    out = Path(tempfile.mkdtemp(prefix="raydistill-report-")) if remote else check_out_dir(args.out)
     uri = tracking.open_store(args.tracking_uri)
     tracking.existing_experiment(uri, args.experiment)
     parent = find_parent(uri, args.experiment, args.parent_run_id, args.search)
@@ -318,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(runs_df)
     files = write_outputs(out, runs_df, table, pd.DataFrame(diagnostics_rows(uri, runs)), f"MLflow {uri}, {where}")
     print((out / "report.md").read_text())
-    print(f"[raydistill] report written to {out} ({', '.join(f.name for f in files)})")
+    if remote:
+        for f in files:
+            storage.upload(f, storage.join(args.out, f.name))
+    print(f"[raydistill] report written to {args.out if remote else out} ({', '.join(f.name for f in files)})")
     if args.log_to_mlflow:
         run_id = log_outputs(uri, args.experiment, parent, files)
         print(f"[raydistill] logged as artifacts report/ of MLflow run {run_id}")

@@ -238,35 +238,33 @@ STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AW
              "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
-def check_nodes_reach(uri: str) -> None:
-    """On the connected Ray cluster: open remote storage ``uri`` here and on every live node, as its workers will.
-    A store that this process cannot open, or that a node cannot, is a one-line UsageError; for a node, naming the
-    STORE_ENV variables that it lacks or has with another value than this process (compared by digest: no value
-    leaves its node)."""
-    if not is_remote(uri):
-        return
+def check_nodes_reach(uri: str, nodes: list[dict]) -> None:
+    """Open remote storage ``uri`` here and on each of the Ray cluster's ``nodes`` (ray.nodes() entries), as their
+    workers will. A store that this process cannot open, or that a node cannot (its client's error, or the bucket
+    missing there), is a one-line UsageError; for the nodes, naming the STORE_ENV variables that they lack or have
+    with another value than this process (compared by digest: no value leaves its node)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     problem, here = _probe(uri)
     if problem:
         raise UsageError(f"storage '{uri}' cannot be opened: {problem}; {ENV_HINT}")
-    probe = ray.remote(num_cpus=0)(_probe)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
     try:
         results = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                            .remote(uri) for n in nodes])
     except ray.exceptions.RayError:  # the probe could not run (a node lost meanwhile, another raydistill there)
         return
-    for node, (problem, there) in zip(nodes, results):
-        if problem:
-            names = [k for k in STORE_ENV if k in here and there.get(k) != here[k]]
-            raise UsageError(
-                f"storage '{uri}' cannot be opened on the Ray node {node['NodeManagerAddress']} ({problem}); Ray's workers "
-                "take the environment of `ray start` on their node, not this shell's"
-                + (f"; there {', '.join(names)} {'is' if len(names) == 1 else 'are'} missing or set otherwise than here"
-                   if names else "")
-                + ": set the store's endpoint and credentials in that environment on every node (docs/clusters.md)")
+    bad = [(n["NodeManagerAddress"], problem, there) for n, (problem, there) in zip(nodes, results) if problem]
+    if bad:
+        address, problem, there = bad[0]
+        names = [k for k in STORE_ENV if k in here and there.get(k) != here[k]]
+        raise UsageError(
+            f"storage '{uri}' cannot be opened from {len(bad)} of the cluster's {len(nodes)} nodes ({address}: {problem}); "
+            "Ray's workers take the environment of `ray start`, not this shell's"
+            + (f"; there {', '.join(names)} {'is' if len(names) == 1 else 'are'} missing or set otherwise than here"
+               if names else "")
+            + ": set the storage endpoint and credentials in that environment on every node (docs/clusters.md)")
 
 
 def _probe(uri: str) -> tuple[str | None, dict[str, str]]:

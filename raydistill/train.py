@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
-from .errors import UsageError, cli_entry
+from .errors import USAGE_ERROR_PREFIX, UsageError, cli_entry
 
 
 class TrainingFailed(RuntimeError):
@@ -45,12 +45,6 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.method}-{cfg.dataset}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_root(path: str | None) -> str:
-    """Where runs and checkpoints live: a local folder or a pyarrow filesystem URI (s3://, gs://)."""
-    path = path or os.environ.get("RAYDISTILL_STORAGE") or os.path.join(Path.home(), "ray_results")
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
     from .checkpoint import load_model
@@ -67,18 +61,21 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-           quiet: bool = False, hooks: tuple | list = ()) -> dict[str, Any]:
+           quiet: bool = False, hooks: tuple | list = (), check_storage: bool = True) -> dict[str, Any]:
     """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md). ``hooks``
-    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers)."""
-    from . import tracking
+    run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers).
+    ``check_storage``: check that every node reaches the storage first (a search checks it once)."""
+    from . import storage, tracking
 
     p = cfg.placement
     off = tracking.is_off(p.tracking_uri)  # --tracking-uri none: no MLflow run, MLflow not imported
-    cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage_root(p.storage_path),
+    cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage.root(p.storage_path),
                                          tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
-    if not cfg.placement.in_process:  # before the MLflow run: a cluster whose nodes cannot reach the storage is refused
-        init_ray(cfg.placement.storage_path, log_to_driver=not quiet)
+    if not cfg.placement.in_process:
+        init_ray(log_to_driver=not quiet)
+        if check_storage:
+            require_shared_storage(cfg.placement.storage_path)  # before any run exists
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
         cfg = replace(cfg, placement=replace(cfg.placement,
@@ -93,6 +90,7 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
             metrics, checkpoint = session.final_metrics, session.checkpoint_path
         else:
             metrics, checkpoint = run_ray(cfg, callbacks or [], quiet, hooks)
+            storage.prune_checkpoints(p.run_dir())  # also folders Ray never registered (a worker died first)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = root_cause(exc)
@@ -103,6 +101,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
+        if reason.startswith(USAGE_ERROR_PREFIX):  # bad input that a Ray worker found (e.g. a failed --download)
+            raise UsageError(reason[len(USAGE_ERROR_PREFIX):]) from None
         raise TrainingFailed(reason) from exc
     if p.mlflow_run_id:
         if checkpoint:
@@ -112,9 +112,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     return summary(cfg, metrics, checkpoint, time.time() - t0)
 
 
-def init_ray(storage: str | None = None, **kwargs: Any) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0;
-    then refuse remote ``storage`` that a node cannot open (storage.check_nodes_reach)."""
+def init_ray(**kwargs: Any) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0."""
     import ray
 
     if ray.is_initialized():
@@ -139,10 +138,6 @@ def init_ray(storage: str | None = None, **kwargs: Any) -> None:
     finally:
         for k in local:
             os.environ.pop(k, None)
-    if storage:
-        from . import storage as stores
-
-        stores.check_nodes_reach(stores.root(storage))
 
 
 def free_port() -> int:
@@ -153,11 +148,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpus_each(n: int) -> int:
-    """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription."""
+def require_shared_storage(root: str) -> None:
+    """Storage every node of the connected cluster reaches, checked before any run exists: a node-local
+    folder on a cluster of several nodes is refused (Ray would fail at the first checkpoint, the cause in a
+    worker's log), and a remote URI is opened from every node (storage.check_nodes_reach: their processes take
+    the environment of `ray start`, not this shell's: endpoint and credentials must be there)."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // n))
+    from . import storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_remote(root):
+        if len(nodes) > 1 and not os.environ.get("RAYDISTILL_SHARED_FS"):
+            raise UsageError(
+                f"storage '{root}' is a folder on this node, but the Ray cluster has {len(nodes)} nodes and every "
+                "worker writes checkpoints there: shared storage is needed; give --storage-path s3://BUCKET/PATH or "
+                "gs://BUCKET/PATH (or set RAYDISTILL_STORAGE in the environment of `ray start`), or set "
+                "RAYDISTILL_SHARED_FS=1 if that folder is a shared filesystem mounted on every node")
+        return
+    storage.check_nodes_reach(root, nodes)
+
+
+def cpus_each(n: int) -> int:
+    """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription,
+    and never more than the largest node has (a worker runs on one node)."""
+    import ray
+
+    nodes = [n_["Resources"].get("CPU", 0) for n_ in ray.nodes() if n_.get("Alive")] or [1]
+    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // n, max(nodes))))
 
 
 def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list = ()) -> tuple[dict, str | None]:
@@ -196,9 +214,10 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    ckpt = result.checkpoint
-    path = ckpt.path if ckpt is not None and "://" not in p.storage_path else None
-    return dict(result.metrics or {}), path
+    from .storage import uri_of
+
+    ckpt = result.checkpoint  # its path lacks the URI's scheme (s3://) on remote storage
+    return dict(result.metrics or {}), uri_of(p.storage_path, ckpt.path) if ckpt is not None else None
 
 
 def root_cause(exc: BaseException) -> str:
@@ -220,13 +239,13 @@ def root_cause(exc: BaseException) -> str:
 
 
 def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
-    from . import tracking
+    from . import storage, tracking
 
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     p = cfg.placement
     return {"method": cfg.method, "dataset": cfg.dataset, "student": cfg.student, "name": p.name,
             "mlflow_run_id": p.mlflow_run_id, "tracking_uri": None if tracking.is_off(p.tracking_uri) else p.tracking_uri,
-            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+            "checkpoint": (checkpoint if storage.is_remote(checkpoint) else os.path.abspath(checkpoint)) if checkpoint else None,
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),
             "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),

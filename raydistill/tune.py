@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,16 +57,16 @@ def run_trial(config: dict, *, method: str, flags: dict, hp: dict, space_path: s
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from . import search_space
+    from . import search_space, storage
     from .config import resolve
     from .train import launch
 
     space = search_space.load(method, space_path)
     values = {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))}
     place = dict(flags, name=f"{search}-{ray.tune.get_context().get_trial_id()}",
-                 storage_path=os.path.join(flags["storage_path"], search, "trials"))
+                 storage_path=storage.join(flags["storage_path"], search, "trials"))
     launch(resolve(method, place, hp, trial=values), parent_run_id=parent_run_id,
-           callbacks=[TuneReportCallback()], quiet=False)
+           callbacks=[TuneReportCallback()], quiet=False, check_storage=False)
 
 
 # ============================================================================= the driver
@@ -97,8 +98,8 @@ def _define_by_run(trial, *, space) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import search_space, tracking
-    from .train import cpus_each, init_ray, preflight, storage_root, write_json
+    from . import search_space, storage, tracking
+    from .train import cpus_each, init_ray, preflight, require_shared_storage, write_json
 
     args = parser().parse_args(argv)
     cfg = build_config(args.method, args)
@@ -118,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if p.in_process:
         raise UsageError("--workers 0 (in-process) is not available for tune: each trial is a Ray Train run; give --workers >= 1")
     name = p.name or f"tune-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = storage_root(p.storage_path)
-    exp_path = os.path.join(root, name)
+    root = storage.root(p.storage_path)
+    exp_path = storage.join(root, name)
     from ray import tune
 
     if args.resume:
         if not tune.Tuner.can_restore(exp_path):
             raise UsageError(f"--resume: no search named '{name}' under {root}; give the --name and --storage-path of the interrupted search")
-    elif os.path.exists(exp_path):
+    elif storage.exists(exp_path):
         raise UsageError(f"a search named '{name}' already exists under {root}; add --resume to continue it or choose another --name")
     preflight(cfg)
     # the search's placement, filled once; each trial gets its own name and folder under it
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus_per_trial is not None:
         place["gpus_per_worker"] = args.gpus_per_trial / p.workers
     tracking.check_reachable(place["tracking_uri"])
-    init_ray(root)
+    init_ray()
+    require_shared_storage(root)
     if p.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
         place["cpus_per_worker"] = cpus_each(max_concurrent * p.workers)
     cfg = replace(cfg, placement=replace(p, **place))
@@ -167,14 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         tracking.close_run(cfg.placement.tracking_uri, parent, "KILLED")
         raise
-    trials = collect(grid, cfg, parent)
-    if top_k:
-        run_autoattack(trials, cfg, top_k, aa_n)
-    s = tune_summary(cfg, name, parent, trials, objectives, time.time() - t0, args)
-    finish_parent(cfg, parent, s)
+    try:
+        trials = collect(grid, cfg, parent, root)
+        failed = run_autoattack(trials, cfg, top_k, aa_n) if top_k else []
+        s = tune_summary(cfg, name, parent, trials, objectives, time.time() - t0, args)
+        finish_parent(cfg, parent, s, failed[0] if failed else None)
+    except BaseException as exc:  # the search's end never leaves its parent run RUNNING
+        from .train import root_cause
+
+        reason = root_cause(exc)
+        tracking.close_run(cfg.placement.tracking_uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", reason)
+        if isinstance(exc, (KeyboardInterrupt, UsageError)):
+            raise
+        raise UsageError(f"the search's trials ran, but its end failed: {reason}") from None
     print_table(s)
     if args.summary_json:
         write_json(args.summary_json, s)
+    if failed:
+        print(f"error: AutoAttack failed on {len(failed)} of the best trials: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -187,9 +200,10 @@ def start_parent(cfg: TrainConfig, name: str, space, num_samples: int, args) -> 
         "student": cfg.student}, str(space.path))
 
 
-def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
-    """One row per trial, with its MLflow child run; runs of early-stopped trials are closed."""
-    from . import tracking
+def collect(grid, cfg: TrainConfig, parent: str, root: str) -> list[dict[str, Any]]:
+    """One row per trial, with its MLflow child run and its checkpoint's full location (``root``'s scheme:
+    Ray reports s3:// paths without it); runs of early-stopped trials are closed."""
+    from . import storage, tracking
 
     children = {r.data.tags.get(tracking.NAME_TAG): r for r in
                 tracking.find_runs(cfg.placement.tracking_uri, cfg.placement.experiment, parent=parent)}
@@ -199,17 +213,18 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
         trial_id = m.get("trial_id") or (res.path and Path(res.path).name.split("_")[-2])
         run = next((r for n, r in children.items() if n and n.endswith(str(trial_id))), None)
         status = "ERROR" if res.error else ("COMPLETED" if "test/clean_acc" in m else "STOPPED")
+        checkpoint = storage.uri_of(root, m["checkpoint_path"]) if m.get("checkpoint_path") else None
         # A trial that Tune stops (ASHA) or that is cut off while closing can leave its run RUNNING, or
         # FAILED when the stop reached the trial's own error handler first: the run is set from what Tune saw.
         if run is not None:
-            tracking.repair_trial(cfg.placement.tracking_uri, run, status, m.get("checkpoint_path"),
+            tracking.repair_trial(cfg.placement.tracking_uri, run, status, checkpoint,
                                   _one_line(res.error) if res.error else None)
         params = {k: v for k, v in (res.config or {}).items()}
         rows.append({
             "trial_id": str(trial_id), "status": status, "params": params,
             "epochs_completed": int(m.get("epochs_completed", 0)),
             "mlflow_run_id": run.info.run_id if run else None,
-            "checkpoint": m.get("checkpoint_path"),
+            "checkpoint": checkpoint,
             "error": _one_line(res.error) if res.error else None,
             "metrics": {k.replace("/", "_"): v for k, v in m.items()
                         if isinstance(v, (int, float)) and (k.startswith("test/") or k in ("val/pgd10_acc", "val/clean_acc", "val/best_pgd10_acc"))},
@@ -217,21 +232,31 @@ def collect(grid, cfg: TrainConfig, parent: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> None:
-    """AutoAttack (standard) on the k best completed trials' checkpoints; written to their runs."""
+def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> list[str]:
+    """AutoAttack (standard) on the k best completed trials' checkpoints; written to their runs. Returns
+    one line per trial whose AutoAttack failed (the others are still attacked)."""
     import ray
 
     from . import tracking
+    from .train import root_cause
 
     done = [t for t in trials if t["status"] == "COMPLETED" and t["checkpoint"]]
     done.sort(key=lambda t: t["metrics"].get("val_best_pgd10_acc", 0.0), reverse=True)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    failed = []
     for t in done[:k]:
-        acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
+        try:
+            acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
+        except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
+            t["error"] = f"AutoAttack: {root_cause(exc)}"
+            failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")
+            print(f"[raydistill] AutoAttack on trial {t['trial_id']} failed: {root_cause(exc)}", flush=True)
+            continue
         t["metrics"]["test_aa_acc"] = acc
         if t["mlflow_run_id"]:
             tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={"test/aa_acc": acc})
         print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({n} test images): {acc:.4f}", flush=True)
+    return failed
 
 
 def _aa_remote(checkpoint: str, n: int) -> float:
@@ -271,14 +296,16 @@ def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str,
             "wall_time_s": round(wall, 1), "trials": trials, "best": best, "pareto_front": pareto}
 
 
-def finish_parent(cfg, parent: str, s: dict) -> None:
+def finish_parent(cfg, parent: str, s: dict, failure: str | None = None) -> None:
+    """Log the search's figures to its parent run and close it: FINISHED, or FAILED with ``failure``."""
     from . import tracking
 
     best = s["best"] or {"metrics": {}}
     tracking.log_batch(cfg.placement.tracking_uri, parent, metrics={
         "trial_epochs": s["trial_epochs"], "num_trials": s["num_trials"],
         **{f"best/{k}": v for k, v in best["metrics"].items()}})
-    tracking.close_run(cfg.placement.tracking_uri, parent, "FINISHED", tags={"best_trial": best["trial_id"]} if s["best"] else None)
+    tracking.close_run(cfg.placement.tracking_uri, parent, "FAILED" if failure else "FINISHED", failure,
+                       tags={"best_trial": best["trial_id"]} if s["best"] else None)
 
 
 def print_table(s: dict) -> None:

@@ -12,13 +12,16 @@ other Ray instances on the machine. ``python tests/cluster.py up DIR`` starts on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,28 +35,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group ``proc`` leads, SIGKILL what is left after ``grace`` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _stop_group(*procs: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process groups that ``procs`` lead, SIGKILL what is left of them after ``grace`` seconds."""
+    def alive(p) -> bool:
+        try:
+            os.killpg(p.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    for p in procs:
+        if alive(p):
+            os.killpg(p.pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
+    while any(alive(p) for p in procs) and time.time() < deadline:
         time.sleep(0.5)
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    for p in procs:
+        if alive(p):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)
 
 
 class S3Server:
@@ -105,6 +107,8 @@ class RayCluster:
     def __init__(self, workdir: Path, *, nodes: int = 2, cpus: int = 2, env: dict | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Ray's temporary folders, short: its socket paths must stay under 108 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix="rdc-", dir="/tmp"))
         token = self.workdir / "auth_token"
         token.write_text(secrets.token_hex(32) + "\n")
         token.chmod(0o600)
@@ -116,14 +120,20 @@ class RayCluster:
                     "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.cpus = cpus
         self.nodes: list[subprocess.Popen] = []
-        self.start_node(head=True)
-        for _ in range(nodes - 1):
-            self.start_node()
-        self.wait_for_nodes(nodes)
+        try:
+            self.start_node(head=True)
+            self.wait_for_nodes(1)  # a node started before the head answers gives up
+            for _ in range(nodes - 1):
+                self.start_node()
+            self.wait_for_nodes(nodes)
+        except BaseException:
+            self.stop()  # nothing left running when the cluster does not come up
+            raise
         self.env["RAY_ADDRESS"] = self.address
 
-    def start_node(self, head: bool = False) -> subprocess.Popen:
-        i = len(self.nodes)
+    def start_node(self, head: bool = False, index: int | None = None) -> subprocess.Popen:
+        """Start node ``index`` (default: a new one) and return its `ray start` process."""
+        i = len(self.nodes) if index is None else index
         ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                  f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
@@ -135,24 +145,33 @@ class RayCluster:
         else:
             cmd = [RAY, "start", f"--address={self.address}"]
         cmd += ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats",
-                f"--temp-dir={self.workdir / f'ray{i}'}", *ports]
-        log = open(self.workdir / f"node{i}.log", "wb")
+                f"--temp-dir={self.tmp / f'n{i}'}", *ports]
+        log = open(self.workdir / f"node{i}.log", "ab")
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nodes.append(proc)
+        if index is None:
+            self.nodes.append(proc)
         return proc
 
     def alive_nodes(self) -> int:
-        out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(logging_level='ERROR'); "
-                              "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
-                             env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=120)
+        """Alive nodes as the GCS sees them (0 while it does not answer yet)."""
+        try:
+            socket.create_connection(("127.0.0.1", self.gcs_port), timeout=2).close()
+            out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(logging_level='ERROR'); "
+                                  "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
+                                 env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
-    def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
+    def wait_for_nodes(self, n: int, timeout: float = 300) -> None:
+        """Until ``n`` nodes are alive; a node whose `ray start` gave up (a busy machine) is started again."""
         deadline = time.time() + timeout
         while self.alive_nodes() != n:
             for i, p in enumerate(self.nodes):
                 if p.poll() is not None and i == 0:
                     raise RuntimeError(f"the head node exited; see {self.workdir / 'node0.log'}")
+                if p.poll() is not None and i < n:
+                    self.nodes[i] = self.start_node(index=i)
             if time.time() > deadline:
                 raise RuntimeError(f"the cluster did not reach {n} nodes; see {self.workdir}/node*.log")
             time.sleep(2)
@@ -175,8 +194,8 @@ class RayCluster:
         _stop_group(self.nodes[node], grace=5)
 
     def stop(self) -> None:
-        for proc in reversed(self.nodes):
-            _stop_group(proc)
+        _stop_group(*self.nodes)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR

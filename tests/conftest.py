@@ -72,15 +72,16 @@ def cli(module: str, *args: str, timeout: float = 900, env: dict | None = None) 
                           timeout=timeout, cwd=str(REPO), env={**os.environ, **(env or {})})
 
 
-def train_with_hooks(hooks: list, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def train_with_hooks(hooks: list, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m raydistill.train args`` as ``cli`` runs it (a real subprocess, real Ray workers), with
     ``hooks`` (tests/loop_hooks.py objects) in every worker's loop: passed to ``train.main``, pickled; tests/
     is on the run's PYTHONPATH, so the driver and its Ray workers import loop_hooks to unpickle them."""
     code = ("import pickle, sys; from raydistill.errors import cli_entry; from raydistill.train import main; "
             "hooks = pickle.loads(bytes.fromhex(sys.argv[1])); cli_entry(lambda argv: main(argv, hooks=hooks))(sys.argv[2:])")
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, **(env or {})}
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-c", code, pickle.dumps(hooks).hex(), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(REPO), env={**os.environ, "PYTHONPATH": path})
+                          text=True, timeout=timeout, cwd=str(REPO), env={**env, "PYTHONPATH": path})
 
 
 def summary(workdir: Path, name: str) -> dict:

@@ -62,3 +62,16 @@ class WeightDigests:
         digests["nice"] = os.nice(0)
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         Path(self.folder, f"rank{trainer.s.rank}.json").write_text(json.dumps(digests))
+
+
+class NodeIds:
+    """At the end of the run each rank writes ``folder/rank<R>.node``: the id of the Ray node it ran on."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = str(folder)
+
+    def on_end(self, trainer) -> None:
+        import ray
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        Path(self.folder, f"rank{trainer.s.rank}.node").write_text(ray.get_runtime_context().get_node_id())

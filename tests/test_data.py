@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
-import urllib.error
 
 import numpy as np
 import pytest
@@ -12,58 +10,12 @@ import torch
 import torchvision
 from PIL import Image
 
+from cifar_server import dump_py2, images, write_cifar10
 from raydistill.data import DATASETS, augment_batch, iterate_batches, load_dataset, to_float
 from raydistill.errors import UsageError
 
 
 # ----------------------------------------------------------------------------- CIFAR in its exact pickle format
-
-class _Py2Str(bytes):
-    """A Python 2 ``str``, as the official CIFAR pickles hold their keys and label names."""
-
-
-class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler lets us emit Python 2 string opcodes
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_py2str(self, obj):
-        raw = bytes(obj)
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[_Py2Str] = _save_py2str
-
-
-def _py2(obj):
-    if isinstance(obj, str):
-        return _Py2Str(obj.encode("latin1"))
-    if isinstance(obj, dict):
-        return {_py2(k): _py2(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_py2(v) for v in obj]
-    return obj
-
-
-def _dump_py2(path, obj):
-    with open(path, "wb") as fh:
-        _Py2Pickler(fh, protocol=2).dump(_py2(obj))
-
-
-def _images(labels, offset):
-    """(N, 3072) uint8 rows in CIFAR order (1024 red, 1024 green, 1024 blue; each 32x32 row-major).
-
-    Image i: red = its label, green = offset + i, blue = 7, and pixel (row 0, col 5) of red is 255.
-    """
-    n = len(labels)
-    data = np.empty((n, 3, 1024), dtype=np.uint8)
-    data[:, 0] = np.asarray(labels)[:, None]
-    data[:, 1] = (offset + np.arange(n))[:, None]
-    data[:, 2] = 7
-    data[:, 0, 5] = 255
-    return data.reshape(n, 3072)
-
 
 @pytest.fixture
 def md5_free(monkeypatch):
@@ -72,24 +24,8 @@ def md5_free(monkeypatch):
                         lambda fpath, md5=None: os.path.isfile(fpath))
 
 
-def _write_cifar10(root, per_batch=6, n_test=10):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for b in range(1, 6):
-        labels = [(b * per_batch + i) % 10 for i in range(per_batch)]
-        _dump_py2(folder / f"data_batch_{b}", {"batch_label": f"training batch {b} of 5", "labels": labels,
-                                               "data": _images(labels, 10 * b), "filenames": [f"f{i}.png" for i in labels]})
-    labels = [i % 10 for i in range(n_test)]
-    _dump_py2(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels,
-                                      "data": _images(labels, 200), "filenames": ["t.png"] * n_test})
-    _dump_py2(folder / "batches.meta", {"num_cases_per_batch": per_batch, "num_vis": 3072,
-                                        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog",
-                                                        "frog", "horse", "ship", "truck"]})
-    return folder
-
-
 def test_fake_cifar_pickles_have_the_official_encoding(tmp_path):
-    folder = _write_cifar10(tmp_path)
+    folder = write_cifar10(tmp_path)
     with open(folder / "data_batch_1", "rb") as fh:
         raw = pickle.load(fh, encoding="bytes")
     assert set(raw) == {b"batch_label", b"labels", b"data", b"filenames"}
@@ -97,7 +33,7 @@ def test_fake_cifar_pickles_have_the_official_encoding(tmp_path):
 
 
 def test_cifar10_real_format(tmp_path, md5_free):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     ds = load_dataset("cifar10", data_dir=tmp_path, val_size=10)
     assert (ds.num_classes, ds.in_shape, ds.hflip, ds.crop_pad) == (10, (3, 32, 32), True, 4)
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (20, 3, 32, 32)
@@ -117,9 +53,9 @@ def test_cifar100_real_format(tmp_path, md5_free):
     folder.mkdir()
     for split, n in (("train", 200), ("test", 100)):
         fine = [i % 100 for i in range(n)]
-        _dump_py2(folder / split, {"filenames": ["x.png"] * n, "batch_label": split, "fine_labels": fine,
-                                   "coarse_labels": [f // 5 for f in fine], "data": _images(fine, 0)})
-    _dump_py2(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)],
+        dump_py2(folder / split, {"filenames": ["x.png"] * n, "batch_label": split, "fine_labels": fine,
+                                   "coarse_labels": [f // 5 for f in fine], "data": images(fine, 0)})
+    dump_py2(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)],
                                 "coarse_label_names": [f"s{i}" for i in range(20)]})
     ds = load_dataset("cifar100", data_dir=tmp_path, val_size=0)
     assert ds.num_classes == 100 and ds.train_x.shape == (200, 3, 32, 32)
@@ -135,20 +71,8 @@ def test_cifar_missing_offline_names_the_data_dir(tmp_path):
     assert "\n" not in msg and str(tmp_path / "nowhere") in msg and "cifar-10-batches-py" in msg
 
 
-def test_cifar_download_failure_is_one_line(tmp_path, monkeypatch):
-    def offline(self):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
-    with pytest.raises(UsageError) as err:
-        load_dataset("cifar100", data_dir=tmp_path, download=True)
-    msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"could not download CIFAR-100 into --data-dir {tmp_path}")
-    assert "no network" in msg and "cifar-100-python" in msg
-
-
 def test_cifar_files_failing_md5_are_reported(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     with pytest.raises(UsageError, match="fail torchvision's md5 check"):
         load_dataset("cifar10", data_dir=tmp_path)
 

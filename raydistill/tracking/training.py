@@ -60,14 +60,15 @@ def repair_trial(uri: str, run, outcome: str, checkpoint_dir: str | None = None,
 
 
 def log_checkpoint(uri: str, run_id: str, checkpoint_dir: str) -> None:
-    """The best and last student of a checkpoint folder, as artifacts (driver side)."""
-    from ..checkpoint import MODEL_FILE
+    """The best and last student of a checkpoint folder (local or remote storage), as artifacts (driver side)."""
+    from .. import storage
+    from ..checkpoint import LAST_MODEL_FILE, MODEL_FILE
 
     c = client(uri)
-    for fname, sub in ((MODEL_FILE, "checkpoints/best"), ("last_model.pt", "checkpoints/last")):
-        path = os.path.join(checkpoint_dir, fname)
-        if os.path.exists(path):
-            c.log_artifact(run_id, path, artifact_path=sub)
+    for fname, sub in ((MODEL_FILE, "checkpoints/best"), (LAST_MODEL_FILE, "checkpoints/last")):
+        path = storage.join(checkpoint_dir, fname)
+        if storage.exists(path):
+            c.log_artifact(run_id, str(storage.local_copy(path, "checkpoint file")), artifact_path=sub)
 
 
 def log_curves(uri: str, run_id: str) -> None:
