@@ -103,7 +103,7 @@ def test_search_on_s3_attacks_its_best_trial_from_the_bucket(cluster):
 
 def test_a_node_local_storage_path_is_refused_on_a_cluster_of_several_nodes(cluster, tmp_path):
     ray, _, _ = cluster
-    for cmd in (["train", "pgd_at"], ["tune", "pgd_at", "--num-samples", "1"]):
+    for cmd in (["train", "pgd_at"], ["tune", "pgd_at", "--num-samples", "1", "--grace-period", "1"]):
         proc = cli(*cmd, *QUICK, "--epochs", "1", "--storage-path", str(tmp_path / "runs"),
                    "--tracking-uri", "none" if cmd[0] == "train" else f"sqlite:///{tmp_path}/m.db",
                    env=ray.env, timeout=300)
