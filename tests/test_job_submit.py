@@ -72,6 +72,9 @@ def test_a_submitted_search_logs_to_the_clusters_mlflow_and_stores_in_its_bucket
     assert "AutoAttack on trial" in text
     s = json.loads(out.read_text())
     assert s["num_trials"] == 2 and s["best"]["metrics"]["test_aa_acc"] >= 0.0
+    # the summary's checkpoints keep their scheme (Ray reports bucket/key); AutoAttack read the best one from S3
+    assert s["best"]["checkpoint"].startswith("s3://raydistill/runs/jobsearch/trials/jobsearch-"), s["best"]["checkpoint"]
+    assert all(t["checkpoint"].startswith("s3://") for t in s["trials"] if t["checkpoint"])
     assert s["tracking_uri"] == f"http://127.0.0.1:{cluster['MLFLOW_PORT']}"
     c = MlflowClient(s["tracking_uri"])  # the cluster's MLflow server: the job was given no --tracking-uri
     parent = c.get_run(s["mlflow_run_id"])
