@@ -22,10 +22,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{6})")  # checkpoint_NNNNNN: the epochs it holds
 KEEP_CHECKPOINTS = 2
+# A folder of Ray's temporary files: TEMP_DIR/session_DATE_TIME_MICROS_PID (or its link session_latest). A job of
+# `ray job submit --working-dir` runs in a copy of its working directory under it (runtime_resources/
+# working_dir_files/...), deleted when Ray cleans its temporary files.
+RAY_SESSION_DIR = re.compile(r"session_(latest|\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+)")
 ENV_HINT = ("endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
             "(S3) or GOOGLE_APPLICATION_CREDENTIALS (GCS)")
 
@@ -42,6 +46,11 @@ def root(path: str | None) -> str:
     if str(path).startswith("file://"):
         path = str(path)[len("file://"):]
     return str(path).rstrip("/") if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def in_ray_session(path: str | os.PathLike) -> bool:
+    """Whether local ``path`` lies inside a Ray session's temporary folder (deleted when Ray cleans it)."""
+    return any(RAY_SESSION_DIR.fullmatch(part) for part in os.path.realpath(path).split(os.sep))
 
 
 def join(base: str, *parts: str) -> str:
@@ -68,7 +77,7 @@ def filesystem(uri: str):
     try:
         return fs.FileSystem.from_uri(str(uri))
     except Exception as exc:  # ArrowInvalid for an unknown scheme, OSError for missing credentials
-        raise UsageError(f"storage '{uri}' cannot be opened: {_first_line(exc)}; {ENV_HINT}") from None
+        raise UsageError(f"storage '{uri}' cannot be opened: {first_line(exc)}; {ENV_HINT}") from None
 
 
 def _call(uri: str, fn, *args):
@@ -78,7 +87,7 @@ def _call(uri: str, fn, *args):
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise UsageError(f"storage '{uri}' could not be read: {_first_line(exc)}; {ENV_HINT}") from None
+        raise UsageError(f"storage '{uri}' could not be read: {first_line(exc)}; {ENV_HINT}") from None
 
 
 def info(uri: str):
@@ -279,10 +288,5 @@ def _probe(uri: str) -> tuple[str | None, dict[str, str]]:
         if fs_.get_file_info(bucket).type == fs.FileType.NotFound:
             return f"bucket '{bucket}' not found", digests
     except Exception as exc:  # ArrowInvalid, OSError: whatever the store's client raises
-        return _first_line(exc), digests
+        return first_line(exc), digests
     return None, digests
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -158,6 +158,10 @@ def require_shared_storage(root: str) -> None:
     from . import storage
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_remote(root) and storage.in_ray_session(root):
+        raise UsageError(f"storage '{root}' is inside Ray's temporary session folder (a `ray job submit` job runs in a "
+                         "temporary copy of its --working-dir), which Ray deletes; give an absolute --storage-path "
+                         "outside it or s3://BUCKET/PATH, or set RAYDISTILL_STORAGE in the environment of `ray start`")
     if not storage.is_remote(root):
         if len(nodes) > 1 and not os.environ.get("RAYDISTILL_SHARED_FS"):
             raise UsageError(

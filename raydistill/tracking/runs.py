@@ -3,12 +3,12 @@ it with a status and reason, find runs by kind, parent and name, log to them."""
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
+from ..storage import in_ray_session
 
 NAME_TAG = "raydistill.name"  # the --name of a training run or search, or a report's / evaluation's name
 KIND_TAG = "raydistill.kind"  # what a run is: one of the KIND_* values
@@ -23,12 +23,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 OFF = "none"  # --tracking-uri none: no MLflow at all (train, evaluate); MLflow is not even imported
-# A folder of Ray's temporary files: TEMP_DIR/session_DATE_TIME_MICROS_PID (or its link session_latest). A job of
-# `ray job submit --working-dir` runs in a copy of that folder under it (runtime_resources/working_dir_files/...),
-# deleted when Ray cleans its temporary files.
-RAY_SESSION_DIR = re.compile(r"session_(latest|\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+)")
-
-
 # ============================================================================= store
 def is_off(uri: str | None) -> bool:
     """Whether ``uri`` turns tracking off (``--tracking-uri none``, any case): nothing is logged and
@@ -58,7 +52,7 @@ def check_outside_ray_session(uri: str) -> None:
     `ray job submit` job without MLFLOW_TRACKING_URI (MLflow's default store is ./mlflow.db, and the job's
     current folder is Ray's temporary copy of its working directory), the runs would be deleted with it."""
     path = local_path(uri)
-    if path is not None and any(RAY_SESSION_DIR.fullmatch(part) for part in os.path.realpath(path).split(os.sep)):
+    if path is not None and in_ray_session(path):
         raise UsageError(f"the MLflow store {uri} is inside Ray's temporary session folder (a `ray job submit` job "
                          "runs in a temporary copy of its --working-dir), which Ray deletes; give --tracking-uri "
                          "http://HEAD:5000 (the cluster's MLflow server) or a path outside it, or set "
@@ -107,7 +101,7 @@ def open_store(uri: str | None) -> str:
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as exc:  # any failure of this first query means the store is unusable
-        raise UsageError(f"--tracking-uri {uri} is not a usable MLflow store ({_first_line(exc)})") from None
+        raise UsageError(f"--tracking-uri {uri} is not a usable MLflow store ({first_line(exc)})") from None
     return uri
 
 
@@ -233,7 +227,7 @@ def log_batch(uri: str, run_id: str, *, metrics: dict[str, float] | None = None,
         for i, batch in enumerate(batches):
             c.log_batch(run_id, metrics=ms if i == 0 else [], params=batch)
     except MlflowException as exc:
-        raise UsageError(f"MLflow refused the results for run {run_id}: {_first_line(exc)}") from None
+        raise UsageError(f"MLflow refused the results for run {run_id}: {first_line(exc)}") from None
     return clash
 
 
@@ -254,7 +248,3 @@ def _is_training_run(tags: dict[str, str]) -> bool:
 
 def _quote(text: str) -> str:
     return text.replace("'", "\\'")
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
