@@ -116,10 +116,15 @@ class RayCluster:
                     "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.cpus = cpus
         self.nodes: list[subprocess.Popen] = []
-        self.start_node(head=True)
-        for _ in range(nodes - 1):
-            self.start_node()
-        self.wait_for_nodes(nodes)
+        try:
+            self.start_node(head=True)
+            self.wait_for_nodes(1)  # a node started before the head is registered gives up on it (a loaded machine)
+            for _ in range(nodes - 1):
+                self.start_node()
+            self.wait_for_nodes(nodes)
+        except BaseException:
+            self.stop()
+            raise
         self.env["RAY_ADDRESS"] = self.address
 
     def start_node(self, head: bool = False) -> subprocess.Popen:
@@ -141,11 +146,19 @@ class RayCluster:
         self.nodes.append(proc)
         return proc
 
-    def alive_nodes(self) -> int:
+    def _ask(self, expression: str):
+        """The value of a Python ``expression`` (``ray`` imported and connected) asked by a driver of the cluster."""
         out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(logging_level='ERROR'); "
-                              "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
+                              f"print(json.dumps({expression}))"],
                              env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=120)
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+
+    def alive_nodes(self) -> int:
+        return self._ask("sum(1 for n in ray.nodes() if n['Alive'])") or 0
+
+    def available(self, resource: str = "CPU") -> float:
+        """How much of ``resource`` no task, actor or placement group holds now."""
+        return self._ask(f"ray.available_resources().get({resource!r}, 0.0)") or 0.0
 
     def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
         deadline = time.time() + timeout
