@@ -75,7 +75,7 @@ class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
         self.reports = 0  # checkpoints the running group reported
         self.lost = False  # whether the group's last failure lost a worker
         self.down_since: float | None = None  # since when no worker group runs
-        self.last_line = 0.0
+        self.last_line = float("-inf")  # when the last "waiting" line was printed
 
     # ------------------------------------------------------------------ in the controller
     def after_controller_start(self, train_run_context) -> None:
