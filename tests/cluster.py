@@ -40,6 +40,7 @@ def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         return
     deadline = time.time() + grace
     while time.time() < deadline:
+        proc.poll()  # reap the leader: until then, as a zombie, it keeps its group alive
         try:
             os.killpg(proc.pid, 0)
         except ProcessLookupError:
