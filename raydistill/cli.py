@@ -61,6 +61,20 @@ nonneg_float = _checked(_number, lambda v: v >= 0, "a number >= 0", "A number >=
 probability = _checked(_number, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "A number in [0, 1].")
 
 
+def worker_count(text: str) -> int | tuple[int, int]:
+    """``--workers``: a count N >= 0, or an elastic range MIN-MAX (1 <= MIN < MAX) as a tuple."""
+    lo, sep, hi = str(text).partition("-")
+    if not sep:
+        return nonneg_int(text)
+    try:
+        pair = (int(lo), int(hi))
+    except ValueError:
+        pair = None
+    if pair is None or not 1 <= pair[0] < pair[1]:
+        raise argparse.ArgumentTypeError(f"must be a count N >= 0 or a range MIN-MAX with 1 <= MIN < MAX, got {text}")
+    return pair
+
+
 # ----------------------------------------------------------------------------- the `raydistill` command
 COMMANDS = {"train": "one training run", "tune": "a hyperparameter search", "evaluate": "robustness evaluation of a checkpoint",
             "report": "the comparison table of runs in MLflow", "bench": "training-throughput benchmark",

@@ -76,7 +76,12 @@ class Placement:
     storage_path: str | None = opt(None, group="run", help="runs and checkpoints: a folder, or a URI of shared storage "
                                    "(s3://BUCKET/PATH, gs://...; endpoint and credentials from the standard environment "
                                    "variables); default $RAYDISTILL_STORAGE, else ~/ray_results")
-    workers: int = opt(1, cli.nonneg_int, "run", "Ray Train workers (default 1; 0 = in-process, no Ray)")
+    workers: int = opt(1, cli.worker_count, "run", "Ray Train workers (default 1; 0 = in-process, no Ray), or an elastic range "
+                       "MIN-MAX: the run goes on with the workers it has (at least MIN) when a node is lost and grows back "
+                       "to MAX when capacity returns; the global batch size stays the same")
+    min_workers: int | None = opt(None, None)  # an elastic run's minimum (``workers`` is then its maximum); None: fixed
+    worker_wait: float = opt(600.0, cli.positive_float, "run", "seconds a run may wait for the resources of its workers "
+                             "(a node lost, a cluster too small) before it gives up, its last checkpoint resumable (default 600)")
     in_process: bool = opt(False, None)
     gpus_per_worker: float | None = opt(None, cli.nonneg_float, "run", "default: 1 if a GPU is present, else 0")
     cpus_per_worker: float | None = opt(None, cli.positive_float, "run", "CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
@@ -85,6 +90,15 @@ class Placement:
     tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI (default: MLflow's own default)")
     experiment: str = opt("raydistill", group="run", help="MLflow experiment name (default raydistill)")
     mlflow_run_id: str | None = opt(None, None)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change during the run (``--workers MIN-MAX``)."""
+        return self.min_workers is not None
+
+    def worker_counts(self) -> range:
+        """The worker counts the run may train with."""
+        return range(self.min_workers if self.elastic else self.workers, self.workers + 1)
 
     def run_dir(self) -> str:
         """The run's folder or URI (the launcher has made ``storage_path`` absolute)."""
@@ -266,6 +280,8 @@ def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str
     place = {k: v for k, v in flags.items() if k in PLACEMENT_FIELDS}
     if place.get("workers") == 0:
         place.update(in_process=True, workers=1)
+    elif isinstance(place.get("workers"), tuple):  # --workers MIN-MAX: elastic
+        place["min_workers"], place["workers"] = place["workers"]
     cfg = TrainConfig(method=method, placement=Placement(**place),
                       **{k: v for k, v in settings.items() if k in EXPERIMENT_FIELDS})
     validate(cfg)
@@ -340,6 +356,11 @@ def validate(cfg: TrainConfig) -> None:
     p = cfg.placement
     if cfg.batch_size < p.workers:
         raise UsageError(f"--batch-size {cfg.batch_size} is smaller than --workers {p.workers}; each worker needs at least one image")
+    uneven = [n for n in p.worker_counts() if cfg.batch_size % n]
+    if p.elastic and uneven:  # per-worker batch = global batch / workers, for every count the run may have
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {', '.join(map(str, uneven))}: with --workers "
+                         f"{p.min_workers}-{p.workers} the global batch is split evenly over any count in that range; "
+                         f"give a batch size divisible by each, or a narrower range")
     if p.name is not None and (not p.name or "/" in p.name or p.name.startswith(".")):
         raise UsageError(f"--name {p.name!r} must be a plain folder name (no '/', not starting with '.')")
     if p.in_process and "://" in (p.storage_path or os.environ.get("RAYDISTILL_STORAGE") or ""):

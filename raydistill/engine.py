@@ -211,6 +211,7 @@ class Trainer:
         out["train/images_per_s"] = seen / max(elapsed, 1e-9)
         out["train/lr"] = lr_at(cfg, epoch)
         out["train/epoch_time_s"] = elapsed
+        out["train/workers"] = float(self.s.world_size)  # changes in an elastic run (--workers MIN-MAX)
         return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -384,8 +385,9 @@ class Trainer:
 def progress_line(epoch: int, epochs: int, m: dict) -> str:
     losses = " ".join(f"{k[len('train/loss_'):]}={v:.4f}" for k, v in m.items() if k.startswith("train/loss_"))
     vals = " ".join(f"{k[4:]}={v:.3f}" for k, v in m.items() if k.startswith("val/") and k != "val/best_pgd10_acc")
+    n = int(m.get("train/workers", 1))
     return (f"[raydistill] epoch {epoch + 1}/{epochs} | loss {losses} | {vals} | "
-            f"{m['train/images_per_s']:.0f} img/s | {m['train/epoch_time_s']:.1f}s")
+            f"{m['train/images_per_s']:.0f} img/s on {n} worker{'s' if n > 1 else ''} | {m['train/epoch_time_s']:.1f}s")
 
 
 def run_in_process(cfg: TrainConfig, hooks=()) -> LocalSession:

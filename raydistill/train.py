@@ -92,15 +92,17 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
             metrics, checkpoint = run_ray(cfg, callbacks or [], quiet, hooks)
             storage.prune_checkpoints(p.run_dir())  # also folders Ray never registered (a worker died first)
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        reason = root_cause(exc)
+        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C (Ray's own handler turns it into SystemExit)
+        reason = "interrupted" if stopped else root_cause(exc)
         try:
             if p.mlflow_run_id:
-                tracking.close_run(p.tracking_uri, p.mlflow_run_id, status, reason)
+                tracking.close_run(p.tracking_uri, p.mlflow_run_id, "KILLED" if stopped else "FAILED", reason)
         except Exception:
             pass
         if isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
+        if stopped:
+            raise KeyboardInterrupt from exc
         if reason.startswith(USAGE_ERROR_PREFIX):  # bad input that a Ray worker found (e.g. a failed --download)
             raise UsageError(reason[len(USAGE_ERROR_PREFIX):]) from None
         raise TrainingFailed(reason) from exc
@@ -175,11 +177,11 @@ def require_shared_storage(root: str) -> None:
 
 def cpus_each(n: int) -> int:
     """Whole CPUs of the connected Ray cluster per each of ``n`` consumers (at least 1): no oversubscription,
-    and never more than the largest node has (a worker runs on one node)."""
+    and no more than one live node has (a worker runs on one node)."""
     import ray
 
-    nodes = [n_["Resources"].get("CPU", 0) for n_ in ray.nodes() if n_.get("Alive")] or [1]
-    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // n, max(nodes))))
+    per_node = max((info["Resources"].get("CPU", 0) for info in ray.nodes() if info["Alive"]), default=1)
+    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // n, per_node)))
 
 
 def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list = ()) -> tuple[dict, str | None]:
@@ -188,6 +190,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .engine import train_worker
+    from .watch import RunWatch, fit
 
     init_ray(log_to_driver=not quiet)
     p = cfg.placement
@@ -205,17 +208,20 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg, "hooks": list(hooks)},  # the frozen config itself (cloudpickled)
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(p.min_workers, p.workers) if p.elastic else p.workers,
+                                     use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=RunConfig(name=p.name, storage_path=p.storage_path,
-                             failure_config=FailureConfig(max_failures=p.max_failures),
+                             # Ray retries every failure; RunWatch counts them against --max-failures (a lost
+                             # node is not one), and ends a run that waits past --worker-wait for its workers
+                             failure_config=FailureConfig(max_failures=-1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=callbacks or None,
+                             callbacks=[*callbacks, RunWatch(p, resources)],
                              logging_config=LoggingConfig(log_level="WARNING"),
                              # one copy of each worker print (Ray's print patch would add a second)
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
-    result = trainer.fit()
+    result = fit(trainer)  # Ctrl-C stops it within seconds
     if result.error is not None:
         raise result.error
     from .storage import uri_of
@@ -229,7 +235,7 @@ def root_cause(exc: BaseException) -> str:
     seen, cur = set(), exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        nxt = cur.__cause__ or getattr(cur, "cause", None) or cur.__context__
+        nxt = cur.__cause__ or getattr(cur, "cause", None) or getattr(cur, "controller_failure", None) or cur.__context__
         if nxt is None or not isinstance(nxt, BaseException):
             break
         cur = nxt

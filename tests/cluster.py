@@ -48,7 +48,11 @@ def _stop_group(*procs: subprocess.Popen, grace: float = 10.0) -> None:
         if alive(p):
             os.killpg(p.pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while any(alive(p) for p in procs) and time.time() < deadline:
+    while time.time() < deadline:
+        for p in procs:
+            p.poll()  # reap the leader: until then, as a zombie, it keeps its group alive
+        if not any(alive(p) for p in procs):
+            break
         time.sleep(0.5)
     for p in procs:
         if alive(p):
@@ -152,16 +156,25 @@ class RayCluster:
             self.nodes.append(proc)
         return proc
 
-    def alive_nodes(self) -> int:
-        """Alive nodes as the GCS sees them (0 while it does not answer yet)."""
+    def _ask(self, expression: str):
+        """The value of a Python ``expression`` (``ray`` imported and connected) asked by a driver of the cluster;
+        None while the head does not answer."""
         try:
             socket.create_connection(("127.0.0.1", self.gcs_port), timeout=2).close()
             out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(logging_level='ERROR'); "
-                                  "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
+                                  f"print(json.dumps({expression}))"],
                                  env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired):
-            return 0
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the GCS sees them (0 while it does not answer yet)."""
+        return self._ask("sum(1 for n in ray.nodes() if n['Alive'])") or 0
+
+    def available(self, resource: str = "CPU") -> float:
+        """How much of ``resource`` no task, actor or placement group holds now."""
+        return self._ask(f"ray.available_resources().get({resource!r}, 0.0)") or 0.0
 
     def wait_for_nodes(self, n: int, timeout: float = 300) -> None:
         """Until ``n`` nodes are alive; a node whose `ray start` gave up (a busy machine) is started again."""

@@ -75,3 +75,40 @@ class NodeIds:
 
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         Path(self.folder, f"rank{trainer.s.rank}.node").write_text(ray.get_runtime_context().get_node_id())
+
+
+class PauseOnce:
+    """Every rank pauses once at batch ``index`` of epoch ``epoch`` (0-based): it writes ``folder/rank<R>``
+    (its world size inside) and waits until ``folder/go`` exists (``timeout`` seconds at most), so that a
+    test can lose a node while every rank is mid-epoch. A rank whose file exists does not pause again (a
+    restarted group passes through)."""
+
+    def __init__(self, folder: str | os.PathLike, epoch: int, index: int = 2, timeout: float = 300.0):
+        self.folder, self.epoch, self.index, self.timeout = str(folder), epoch, index, timeout
+
+    def on_batch(self, trainer, epoch: int, index: int, n_batches: int) -> None:
+        import time
+
+        mine = Path(self.folder, f"rank{trainer.s.rank}")
+        if epoch != self.epoch or index != min(self.index, n_batches - 1) or mine.exists():
+            return
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        mine.write_text(str(trainer.s.world_size))
+        deadline = time.monotonic() + self.timeout
+        while not Path(self.folder, "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+class HoldWhileFewer:
+    """Rank 0 of a group of fewer than ``workers`` workers holds at the first batch of epoch ``epoch`` (0-based),
+    ``timeout`` seconds at most, so that an elastic run's controller can grow the group back meanwhile (it
+    restarts the group from the last checkpoint: the held epoch is then trained by the larger group)."""
+
+    def __init__(self, epoch: int, workers: int, timeout: float = 240.0):
+        self.epoch, self.workers, self.timeout = epoch, workers, timeout
+
+    def on_batch(self, trainer, epoch: int, index: int, n_batches: int) -> None:
+        import time
+
+        if epoch == self.epoch and index == 0 and trainer.s.rank == 0 and trainer.s.world_size < self.workers:
+            time.sleep(self.timeout)

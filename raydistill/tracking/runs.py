@@ -194,11 +194,15 @@ def close_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | Non
     """End a run with ``status`` (FINISHED, FAILED or KILLED), after setting ``tags``.
 
     ``reason`` becomes its failure_reason tag; a close without a reason drops the one that an earlier
-    attempt of the run (a failed launch of the same --name) left.
+    attempt of the run (a failed launch of the same --name) left. A run that is FINISHED is never
+    closed as FAILED or KILLED: another driver (a relaunch with the same --name) finished it while this
+    one, stale, was still waiting, and its outcome stands.
     """
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
     c = client(uri)
+    if status != "FINISHED" and c.get_run(run_id).info.status == "FINISHED":
+        return
     for k, v in (tags or {}).items():
         c.set_tag(run_id, k, str(v))
     if reason is not None:
