@@ -57,6 +57,24 @@ def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         pass
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 class S3Server:
     """moto's S3 server on 127.0.0.1 with one bucket; ``env`` holds the client variables."""
 
@@ -184,8 +202,15 @@ class RayCluster:
         raise RuntimeError(f"node {node} has no raylet")
 
     def kill_node(self, node: int) -> None:
-        """Lose node ``node`` as a machine is lost: its raylet killed (SIGKILL), then its processes."""
-        os.kill(self.raylet_pid(node), signal.SIGKILL)
+        """Lose node ``node`` as a machine is lost: its raylet and every process under it (Ray's workers, each
+        in a process group of its own) killed at once (SIGKILL), then the rest of its processes. (Killing the
+        raylet alone leaves its workers running until they notice, training on meanwhile.)"""
+        raylet = self.raylet_pid(node)
+        for pid in [raylet, *_descendants(raylet)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _stop_group(self.nodes[node], grace=5)
 
     def stop(self) -> None:
