@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,6 +137,9 @@ class RayCluster:
                     "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.cpus = cpus
         self.nodes: list[subprocess.Popen] = []
+        # Ray's folders (its unix sockets among them) under a short path: under a deep one (pytest's tmp_path) a
+        # socket path is too long, the dashboard fails to start and `ray start --head` waits a minute for it
+        self.temp = Path(tempfile.mkdtemp(prefix="rdray-", dir="/tmp"))
         try:
             self.start_node(head=True)
             self.wait_for_nodes(1)  # a node started before the head is registered gives up on it (a loaded machine)
@@ -159,7 +164,7 @@ class RayCluster:
         else:
             cmd = [RAY, "start", f"--address={self.address}"]
         cmd += ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--disable-usage-stats",
-                f"--temp-dir={self.workdir / f'ray{i}'}", *ports]
+                f"--temp-dir={self.temp / str(i)}", *ports]
         log = open(self.workdir / f"node{i}.log", "wb")
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(proc)
@@ -216,6 +221,7 @@ class RayCluster:
     def stop(self) -> None:
         for proc in reversed(self.nodes):
             _stop_group(proc)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR
@@ -224,7 +230,8 @@ def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR
         s3 = S3Server(workdir)
         ray = RayCluster(workdir, env=s3.env)
         state = {"s3": s3.proc.pid, "nodes": [p.pid for p in ray.nodes], "env": {k: ray.env[k] for k in (
-            "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *s3.env)}, "dashboard": ray.dashboard}
+            "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *s3.env)}, "dashboard": ray.dashboard,
+                 "temp": str(ray.temp)}
         (workdir / "cluster.json").write_text(json.dumps(state, indent=1))
         print(" ".join(f"{k}={v}" for k, v in state["env"].items()))
         return 0
@@ -234,6 +241,8 @@ def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    if state.get("temp"):
+        shutil.rmtree(state["temp"], ignore_errors=True)
     return 0
 
 
