@@ -8,13 +8,14 @@ the controller) that decides instead:
 
 * **Failures.** Ray retries every worker-group failure (``FailureConfig(max_failures=-1)``); the
   watch counts them against ``--max-failures`` itself, except a *lost worker*: a worker whose
-  process can no longer be reached (its node died, or the process was killed), after the group
-  had reported at least one checkpoint. That is capacity lost, not an error of the training: the
-  group restarts from the last checkpoint on what is left (``--workers MIN-MAX``: with fewer
-  workers, at least MIN; a fixed count: once the resources are back). Errors raised by the
-  training code count, and so does a lost worker before any checkpoint (a worker killed again and
-  again, e.g. out of memory, gives up instead of looping). Past ``--max-failures`` the run ends
-  with the worker group's error.
+  process can no longer be reached (its node died, or the process was killed) after the group
+  had written a checkpoint (the run's storage holds a newer one than when the group started).
+  That is capacity lost, not an error of the training: the group restarts from the last
+  checkpoint on what is left (``--workers MIN-MAX``: with fewer workers, at least MIN; a fixed
+  count: once the resources are back). Errors raised by the training code count, and so does a
+  lost worker without a checkpoint since the group started (a worker killed again and again, e.g.
+  out of memory, gives up instead of looping). Past ``--max-failures`` the run ends with the
+  worker group's error.
 * **Waiting.** While the group is not running (starting, restarting, waiting for resources) the
   watch prints one line a minute: how long it waited, for which workers, what the cluster has
   free. Past ``--worker-wait`` seconds it ends the run (:class:`WorkerWaitExceeded`); the last
@@ -36,7 +37,7 @@ import threading
 import time
 from typing import Any
 
-from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerGroupCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 WAIT_LINE_INTERVAL_S = 60.0  # one "waiting" line a minute
 PING_TIMEOUT_S = 10.0  # a worker that does not answer within this is lost
@@ -60,7 +61,7 @@ def _seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
+class RunWatch(ControllerCallback, WorkerGroupCallback):
     """The controller-side watch of one run (see the module docstring). Built on the driver from the
     run's ``Placement`` and the resources of one worker; pickled into the controller."""
 
@@ -70,9 +71,10 @@ class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
         self.workers = placement.workers
         self.min_workers = placement.min_workers if placement.elastic else placement.workers
         self.resources = dict(resources)
+        self.run_uri = placement.run_dir()  # where the run's checkpoints are
         self.failures = 0  # failures counted against max_failures
         self.group: list = []  # the running group's Worker objects
-        self.reports = 0  # checkpoints the running group reported
+        self.start_epoch = -1  # the newest checkpoint in storage when the group started
         self.lost = False  # whether the group's last failure lost a worker
         self.down_since: float | None = None  # since when no worker group runs
         self.last_line = float("-inf")  # when the last "waiting" line was printed
@@ -87,10 +89,16 @@ class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
         self.down_since = time.monotonic()
 
     def after_worker_group_start(self, worker_group) -> None:
-        self.group, self.reports, self.lost = list(worker_group.get_workers()), 0, False
+        self.group, self.start_epoch, self.lost = list(worker_group.get_workers()), self._newest_checkpoint(), False
 
-    def after_report(self, training_report, metrics) -> None:
-        self.reports += 1
+    def _newest_checkpoint(self) -> int:
+        """The epochs of the newest checkpoint in the run's storage (persisted, whether Ray registered it or not)."""
+        from . import storage
+
+        try:
+            return max((epochs for epochs, _ in storage.checkpoint_dirs(self.run_uri)), default=-1)
+        except Exception:  # storage out of reach: no progress can be told
+            return -1
 
     def after_worker_group_poll_status(self, worker_group_status) -> None:
         errors = worker_group_status.errors
@@ -139,7 +147,7 @@ class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
 
         if not isinstance(error, WorkerGroupError):  # a preemption (Ray's own, never counted)
             return
-        if self.lost and self.reports:
+        if self.lost and self._newest_checkpoint() > self.start_epoch:
             then = (f"goes on with as many of its {self._what()} as there is room for" if self.min_workers < self.workers
                     else f"goes on when there is room for its {self._what()} again")
             print(f"[raydistill] a worker was lost (its node died or its process was killed): the run {then}, "

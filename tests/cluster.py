@@ -62,6 +62,24 @@ def _stop_group(*procs: subprocess.Popen, grace: float = 10.0) -> None:
             p.wait(timeout=10)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 class S3Server:
     """moto's S3 server on 127.0.0.1 with one bucket; ``env`` holds the client variables."""
 
@@ -202,8 +220,15 @@ class RayCluster:
         raise RuntimeError(f"node {node} has no raylet")
 
     def kill_node(self, node: int) -> None:
-        """Lose node ``node`` as a machine is lost: its raylet killed (SIGKILL), then its processes."""
-        os.kill(self.raylet_pid(node), signal.SIGKILL)
+        """Lose node ``node`` as a machine is lost: its raylet and every process under it (Ray's workers, each
+        in a process group of its own) killed at once (SIGKILL), then the rest of its processes. (Killing the
+        raylet alone leaves its workers running until they notice, training on meanwhile.)"""
+        raylet = self.raylet_pid(node)
+        for pid in [raylet, *_descendants(raylet)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _stop_group(self.nodes[node], grace=5)
 
     def stop(self) -> None:
@@ -217,7 +242,8 @@ def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR
         s3 = S3Server(workdir)
         ray = RayCluster(workdir, env=s3.env)
         state = {"s3": s3.proc.pid, "nodes": [p.pid for p in ray.nodes], "env": {k: ray.env[k] for k in (
-            "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *s3.env)}, "dashboard": ray.dashboard}
+            "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *s3.env)}, "dashboard": ray.dashboard,
+                 "temp": str(ray.temp)}
         (workdir / "cluster.json").write_text(json.dumps(state, indent=1))
         print(" ".join(f"{k}={v}" for k, v in state["env"].items()))
         return 0
@@ -227,6 +253,8 @@ def _main(argv: list[str]) -> int:  # python tests/cluster.py up|down DIR
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    if state.get("temp"):
+        shutil.rmtree(state["temp"], ignore_errors=True)
     return 0
 
 

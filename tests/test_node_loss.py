@@ -73,25 +73,28 @@ def _failure(*errors: Exception):
     return WorkerGroupError("boom", dict(enumerate(errors)))
 
 
-def test_a_lost_worker_after_a_checkpoint_is_free_and_training_errors_count(capsys):
+def test_a_lost_worker_after_a_checkpoint_is_free_and_training_errors_count(tmp_path, capsys):
     from ray.exceptions import ActorDiedError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 
     lost = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
     assert _unreachable(lost) and not _unreachable(RuntimeError("Connection closed by peer"))
-    w = _watch("--workers", "1-2", "--max-failures", "1")
+    w = _watch("--workers", "1-2", "--max-failures", "1", "--storage-path", str(tmp_path), "--name", "r")
     running = RunningState()
-    w.after_controller_state_update(None, running)
-    w.lost, w.reports = True, 2  # a node died after two checkpoints
+
+    def group_starts(lost_worker: bool) -> None:  # what after_worker_group_start and a failed poll set
+        w.start_epoch, w.lost = w._newest_checkpoint(), lost_worker
+        w.after_controller_state_update(None, running)
+
+    group_starts(True)
+    (tmp_path / "r" / "checkpoint_000002").mkdir(parents=True)  # the group wrote a checkpoint; then a node died
     w.after_controller_state_update(running, RestartingState(_failure(RuntimeError("collective"), lost)))
     assert w.failures == 0 and "a worker was lost" in capsys.readouterr().out
-    w.after_controller_state_update(None, running)
-    w.lost, w.reports = False, 1  # an error of the training code: counted, the first one allowed
+    group_starts(False)  # an error of the training code: counted, the first one allowed
     w.after_controller_state_update(running, RestartingState(_failure(ValueError("bug"))))
     assert w.failures == 1
-    w.after_controller_state_update(None, running)
-    w.lost, w.reports = True, 0  # lost again before any checkpoint: counted, over --max-failures: the run ends
+    group_starts(True)  # lost again before any new checkpoint: counted, over --max-failures: the run ends
     again = _failure(lost)
     with pytest.raises(type(again)) as info:
         w.after_controller_state_update(running, RestartingState(again))
