@@ -144,14 +144,15 @@ def test_a_stale_driver_never_overwrites_a_run_another_driver_finished(tmp_path)
 # ----------------------------------------------------------------------------- a real 2-node cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """2 nodes of 2 CPUs (a 2-worker run puts one worker on each) and an S3 bucket (moto) for the runs."""
+    """2 nodes of 1 CPU (a 2-worker run puts one worker on each, one thread each: 2 cores are not oversubscribed)
+    and an S3 bucket (moto) for the runs."""
     from cluster import RayCluster, S3Server
 
     work = tmp_path_factory.mktemp("cluster")
     s3 = S3Server(work)
     try:
         path = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")) if p)
-        ray = RayCluster(work, nodes=2, cpus=2, env={**s3.env, "PYTHONPATH": path})  # workers import loop_hooks
+        ray = RayCluster(work, nodes=2, cpus=1, env={**s3.env, "PYTHONPATH": path})  # workers import loop_hooks
         ray.s3 = s3
         yield ray
         ray.stop()
@@ -294,7 +295,7 @@ def test_ctrl_c_stops_a_run_within_seconds_as_killed_and_a_relaunch_finishes_it(
     from loop_hooks import PauseOnce
 
     pause, free = tmp_path / "pause", cluster.available("CPU")
-    run = Driver(cluster, tmp_path, "ctrlc", "--workers", "1", "--cpus-per-worker", "2", "--epochs", "2",
+    run = Driver(cluster, tmp_path, "ctrlc", "--workers", "1", "--epochs", "2",
                  hooks=[PauseOnce(pause, epoch=1, timeout=30)])
     run.wait_for(pause / "rank0")
     t0 = time.monotonic()
@@ -308,7 +309,7 @@ def test_ctrl_c_stops_a_run_within_seconds_as_killed_and_a_relaunch_finishes_it(
     while cluster.available("CPU") < free:
         assert time.monotonic() < deadline, "the run's worker still holds its CPUs"
         time.sleep(1)
-    again = Driver(cluster, tmp_path, "ctrlc", "--workers", "1", "--cpus-per-worker", "2", "--epochs", "2")
+    again = Driver(cluster, tmp_path, "ctrlc", "--workers", "1", "--epochs", "2")
     assert again.wait() == 0, again.text()[-4000:]
     mlflow_run = again.run()
     assert mlflow_run.info.status == "FINISHED" and tracking.FAILURE_TAG not in mlflow_run.data.tags
