@@ -7,7 +7,6 @@ training, finds the checkpoint to resume from and persists each epoch's checkpoi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import STATE_FILE, read_state
+from .storage import CHECKPOINT_DIR, KEEP_CHECKPOINTS
 
 
 def usable_cpus() -> int:
@@ -30,7 +30,7 @@ def checkpoint_name(epochs_completed: int) -> str:
 
 def _checkpoint_epoch(path: str) -> int:
     """N of a folder named ``checkpoint_NNNNNN`` (the epochs it holds), else -1."""
-    m = re.fullmatch(r"checkpoint_(\d{6})", str(path).rstrip("/").rsplit("/", 1)[-1])
+    m = CHECKPOINT_DIR.fullmatch(str(path).rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else -1
 
 
@@ -70,7 +70,7 @@ class LocalSession:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # the folder appears complete or not at all
             self.checkpoint_path = str(final)
-            for old in sorted(self.run_dir.glob("checkpoint_*"))[:-2]:
+            for old in sorted(self.run_dir.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.final_metrics = dict(metrics)
 

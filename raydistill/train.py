@@ -198,7 +198,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= p.workers else 0.0
     cpus = p.cpus_per_worker or cpus_each(p.workers)
-    from . import tracking
+    from . import storage, tracking
 
     if p.mlflow_run_id:
         tracking.log_resolved(p.tracking_uri, p.mlflow_run_id, {"gpus_per_worker": gpus, "cpus_per_worker": cpus})
@@ -215,7 +215,7 @@ def run_ray(cfg: TrainConfig, callbacks: list, quiet: bool, hooks: tuple | list 
                              # Ray retries every failure; RunWatch counts them against --max-failures (a lost
                              # node is not one), and ends a run that waits past --worker-wait for its workers
                              failure_config=FailureConfig(max_failures=-1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=storage.KEEP_CHECKPOINTS),
                              callbacks=[*callbacks, RunWatch(p, resources)],
                              logging_config=LoggingConfig(log_level="WARNING"),
                              # one copy of each worker print (Ray's print patch would add a second)
