@@ -213,31 +213,79 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     (FAB calls backward()); pyautoattack reseeds torch's global RNG, so its state is restored after.
     verbose shows pyautoattack's progress log on stderr.
     """
-    from pyautoattack import AutoAttack
-
     if x.shape[0] == 0 or eps == 0:
         return x.detach().clone()
+    with _autoattack_context(model, x, verbose):
+        adversary = _adversary(model, x, eps=eps, version=version, seed=seed, verbose=verbose, attacks=attacks)
+        x_adv, _ = adversary.run_standard_evaluation(x.detach().float(), y.detach().long(), batch_size=batch_size)
+    return x_adv.detach()
+
+
+def autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int = 0,
+                      verbose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard AutoAttack on one batch, one component at a time: ``(x_adv, stage)``, where ``stage[i]``
+    is the index in ``("clean", "apgd-ce", "apgd-t", "fab-t", "square")`` of what fooled image i first
+    (0: misclassified clean) or -1 when nothing did.
+
+    Each component attacks the images that every earlier one left correct, as one batch, with the same
+    seed, so ``x_adv`` and the final robust set equal ``autoattack(..., batch_size=len(x))``'s image by
+    image (tests/test_evaluation_scale.py checks it against pyautoattack called directly).
+    """
+    stages = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
+    x, y = x.detach().float(), y.detach().long()
+    stage = torch.full((x.shape[0],), -1, dtype=torch.int8, device=x.device)
+    with torch.no_grad():
+        robust = _correct(model, x, y) if x.shape[0] else torch.zeros(0, dtype=torch.bool, device=x.device)
+    stage[~robust] = 0
+    x_adv = x.clone()
+    if x.shape[0] == 0 or eps == 0:
+        return x_adv, stage
+    with _autoattack_context(model, x, verbose):
+        adversary = _adversary(model, x, eps=eps, version="standard", seed=seed, verbose=verbose)
+        for component in list(adversary.attacks_to_run):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            adversary.attacks_to_run = [component]
+            adv, _ = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=idx.numel())
+            with torch.no_grad():
+                fooled = ~_correct(model, adv, y[idx])
+            x_adv[idx[fooled]] = adv[fooled]
+            robust[idx[fooled]] = False
+            stage[idx[fooled]] = stages.index(component)
+    return x_adv.detach(), stage
+
+
+@contextlib.contextmanager
+def _autoattack_context(model: nn.Module, x: torch.Tensor, verbose: bool) -> Iterator[contextlib.ExitStack]:
+    """Eval mode, frozen parameters (FAB calls backward()), the global RNG state kept (pyautoattack reseeds
+    it) and, when verbose, pyautoattack's log on stderr."""
     logger = logging.getLogger("auto-attack")
-    handler = logging.StreamHandler(sys.stderr) if verbose else None
     rng_devices = [x.device] if x.device.type == "cuda" else []
     with contextlib.ExitStack() as stack:
         stack.enter_context(bn_mode(model, "eval"))
         stack.enter_context(frozen_params(model))
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
-        if handler is not None:
-            previous_level = logger.level
+        if verbose:
+            handler, previous_level = logging.StreamHandler(sys.stderr), logger.level
             logger.addHandler(handler)
             logger.setLevel(logging.DEBUG)
             stack.callback(logger.setLevel, previous_level)
             stack.callback(logger.removeHandler, handler)
-        adversary = AutoAttack(_FloatLogits(model), norm="Linf", eps=float(eps), version=version, seed=seed,
-                               device=x.device, attacks=attacks if version == "custom" else None)
-        adversary.verbose = verbose
-        if version == "standard":  # the targeted attacks use at most num_classes - 1 targets
-            with torch.no_grad():
-                n_classes = model(x[:1].float()).shape[1]
-            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(9, n_classes - 1)
-            if n_classes < 4:  # targeted DLR needs 4 classes
-                adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
-        x_adv, _ = adversary.run_standard_evaluation(x.detach().float(), y.detach().long(), batch_size=batch_size)
-    return x_adv.detach()
+        yield stack
+
+
+def _adversary(model: nn.Module, x: torch.Tensor, *, eps: float, version: str, seed: int, verbose: bool,
+               attacks: list[str] | None = None):
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(_FloatLogits(model), norm="Linf", eps=float(eps), version=version, seed=seed,
+                           device=x.device, attacks=attacks if version == "custom" else None)
+    adversary.verbose = verbose
+    if version == "standard":  # the targeted attacks use at most num_classes - 1 targets
+        with torch.no_grad():
+            n_classes = model(x[:1].float()).shape[1]
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(9, n_classes - 1)
+        if n_classes < 4:  # targeted DLR needs 4 classes
+            adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
+    return adversary

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from . import storage
+from . import evalrun, storage
 from .checkpoint import FORMAT, safe_load
 from .cli import ArgParser, nonneg_float, nonneg_int, positive_int
 from .errors import UsageError, cli_entry
@@ -39,11 +40,24 @@ def build_parser() -> ArgParser:
     p.add_argument("--n-examples", type=positive_int, help="evaluate the first N test examples (default all)")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--data-dir", help="dataset folder, or a URI of one (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images per batch, the unit of work and of resumption (default 256); the results do not "
+                        "depend on --workers, only on this")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when present)")
     p.add_argument("--arch", help="architecture of an external state_dict (or a check of the checkpoint's)")
     p.add_argument("--num-classes", type=positive_int, help="class count of an external state_dict")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the attacks' random starts (default 0)")
+    p.add_argument("--workers", type=nonneg_int, default=0,
+                   help="Ray workers that share the batches (the cluster in RAY_ADDRESS, else a local Ray instance); "
+                        "0 = in this process, without Ray (default)")
+    p.add_argument("--gpus-per-worker", type=nonneg_float, help="GPUs per Ray worker (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--sanity", action="store_true",
+                   help="gradient-masking checks: also run PGD-10/50/100, PGD-100 at eps 1.0, AutoAttack and a zero-gradient "
+                        "check; one warning: line per failed check and exit code 1")
+    p.add_argument("--storage-path", help="where per-image results are kept (default $RAYDISTILL_STORAGE, else "
+                                          "~/ray_results): <storage>/evaluations/<name>; a folder or s3://, gs:// URI")
+    p.add_argument("--name", help="evaluation name (default: the checkpoint's name and a digest of the model and the "
+                                  "settings); relaunching the same evaluation continues it")
     p.add_argument("--summary-json", help="write the results as JSON to this file")
     p.add_argument("--mlflow", action="store_true", help="log test/<attack>_acc to MLflow (a new run unless --run-id)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow); none = no MLflow logging at all")
@@ -88,7 +102,7 @@ def _mlflow_target(args) -> tuple[str, str | None] | None:
     return uri, args.run_id
 
 
-def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict) -> str:
+def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict, per_image: str | None) -> str:
     from . import tracking
 
     uri, run_id = target
@@ -98,9 +112,24 @@ def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict) 
                                    tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}, reuse=False)
     params = {"test/eps": summary["eps"], "test/step_size": summary["step_size"], "test/n_examples": summary["n_examples"],
               "test/attacks": ",".join(summary["attacks"]), "test/checkpoint": summary["checkpoint"][:500]}
-    clash = tracking.log_batch(uri, run_id, metrics={f"test/{k}": v for k, v in summary["metrics"].items()}, params=params)
+    metrics = {f"test/{k}": v for k, v in summary["metrics"].items()}
+    if summary.get("worst_acc") is not None:
+        metrics["test/worst_acc"] = summary["worst_acc"]
+    metrics.update({f"test/aa_{k.replace('-', '_')}_acc": v for k, v in summary.get("aa_components", {}).items()})
+    metrics.update({f"sanity/{k}": v for k, v in summary.get("sanity", {}).items()})
+    clash = tracking.log_batch(uri, run_id, metrics=metrics, params=params,
+                               tags={"masking_flags": ",".join(summary["masking_flags"]) or "none"}
+                               if summary.get("masking_flags") is not None else None)
     if clash:
         print(f"note: run {run_id} already had {', '.join(clash)} from an earlier evaluation; kept those params")
+    if per_image is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "per_image.parquet"
+            local.write_bytes(evalrun._read_bytes(per_image))
+            (Path(tmp) / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+            tracking.log_artifacts(uri, run_id, [local, Path(tmp) / "evaluation.json"], "evaluation")
     if new_run:
         tracking.close_run(uri, run_id, "FINISHED")
     return run_id
@@ -111,9 +140,88 @@ def _table(summary: dict) -> str:
     lines = [f"checkpoint  {summary['checkpoint']} ({summary['arch']})",
              f"dataset     {summary['dataset']} test, {summary['n_examples']} examples",
              f"eps         {eps:.6g} ({eps * 255:.4g}/255), step {step:.6g} ({step * 255:.4g}/255)",
-             "", f"{'attack':<8} {'accuracy':>9}"]
-    lines += [f"{k[:-4]:<8} {100 * v:8.2f}%" for k, v in summary["metrics"].items()]
+             "", f"{'attack':<12} {'accuracy':>9}"]
+    lines += [f"{k[:-4]:<12} {100 * v:8.2f}%" for k, v in summary["metrics"].items()]
+    for name, acc in summary.get("aa_components", {}).items():
+        lines.append(f"  after {name:<6} {100 * acc:7.2f}%  ({summary['aa_fooled'][name]} images fooled first by it)")
+    if summary.get("worst_acc") is not None:
+        lines.append(f"{'worst case':<12} {100 * summary['worst_acc']:8.2f}%  (per image, over {', '.join(summary['worst_over'])})")
+    if summary.get("sanity"):
+        lines.append("")
+        lines.append("sanity      " + ("FAILED: " + ", ".join(summary["masking_flags"]) if summary["masking_flags"]
+                                      else "passed (no sign of gradient masking)"))
+    if summary.get("per_image"):
+        lines.append(f"per image   {summary['per_image']}")
     return "\n".join(lines)
+
+
+def default_name(checkpoint: str, spec: evalrun.EvalSpec) -> str:
+    """``<run>-<checkpoint folder>-<digest of the model and settings>``, e.g. ``ard-checkpoint_000010-3fa2c1d9e0``."""
+    parts = [p for p in str(checkpoint).replace("://", "/").rstrip("/").split("/") if p]
+    if parts and parts[-1].endswith((".pt", ".pth")):
+        parts[-1] = parts[-1].rsplit(".", 1)[0]
+        if parts[-1] in ("model", "last_model"):
+            parts = parts[:-1]
+    label = "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "model")
+    label = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label)[-60:]
+    return f"{label}-{spec.key()}"
+
+
+def model_file(path: str) -> Path:
+    """The local file of a checkpoint (a folder's model.pt; a remote one through the cache)."""
+    from .checkpoint import MODEL_FILE
+
+    if storage.is_remote(path):
+        uri = path.rstrip("/")
+        if storage.is_dir(uri):
+            uri = storage.join(uri, MODEL_FILE)
+        return storage.local_copy(uri, "checkpoint")
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[str], *, eps: float, step_size: float,
+                   n_examples: int | None = None, batch_size: int = 256, seed: int = 0, workers: int = 0,
+                   gpus_per_worker: float | None = None, device: torch.device | None = None, sanity: bool = False,
+                   storage_path: str | None = None, name: str | None = None, dataset: str = "",
+                   quiet: bool = False, on_unit=None) -> dict:
+    """Evaluate ``model`` (loaded from ``checkpoint``) on ``data``'s test split: every attack's per-image
+    results stored as they finish under ``<storage>/evaluations/<name>`` (a relaunch continues), sharded
+    over ``workers`` Ray workers (0: in this process). Returns the summary (see the module's docstring)."""
+    from . import sanity as masking
+    from .evaluation import check_settings
+
+    check_settings(eps, step_size, batch_size)
+    n = len(data.test_y) if n_examples is None else min(n_examples, len(data.test_y))
+    run = list(dict.fromkeys(attacks + (list(masking.ATTACKS) if sanity else [])))
+    spec = evalrun.EvalSpec(evalrun.file_sha256(model_file(checkpoint)), dataset, float(eps), float(step_size),
+                            int(seed), int(batch_size), int(n))
+    folder = storage.join(storage.root(storage_path), "evaluations", name or default_name(checkpoint, spec))
+    store = evalrun.ResultStore(folder, spec)
+    store.open(checkpoint)
+    try:
+        evalrun.run_units(store, model, data.test_x, data.test_y, run, workers=workers, gpus_per_worker=gpus_per_worker,
+                          device=device, quiet=quiet, on_unit=on_unit)
+    except KeyboardInterrupt:
+        if not quiet:
+            print(f"[evaluate] interrupted: the finished batches are kept in {folder}; run the same command again "
+                  f"to continue", file=sys.stderr, flush=True)
+        raise
+    res = evalrun.combine(store, run, data.test_y)
+    per_image = evalrun.write_per_image(store, res)
+    threat = [a for a in run if ATTACKS.get(a).threat]
+    summary = {"checkpoint": checkpoint, "dataset": dataset, "eps": eps, "step_size": step_size, "n_examples": n,
+               "attacks": attacks, "seed": seed, "batch_size": batch_size, "workers": workers,
+               "metrics": {f"{a}_acc": res.accuracy[a] for a in attacks},
+               "worst_acc": res.worst_acc, "worst_over": threat, "evaluation": folder, "per_image": per_image}
+    if res.aa_components:
+        summary.update(aa_components=res.aa_components, aa_fooled=res.aa_fooled)
+    if sanity:
+        white = [a for a in threat if a not in ("clean", "aa")]
+        findings, figures = masking.check(res.table, white)
+        summary.update(masking_flags=[f.check for f in findings if f.failed], sanity=figures,
+                       sanity_messages={f.check: f.message for f in findings})
+    return summary
 
 
 @cli_entry
@@ -125,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from .models import MODELS
 
     attacks = parse_attacks(args.attacks)
-    device = _device(args.device)
+    device = _device(args.device) if not args.workers else None
+    if args.workers and args.device is not None:
+        raise UsageError("--device chooses the device of an in-process evaluation; with --workers N each Ray worker "
+                         "uses a GPU when it has one (--gpus-per-worker)")
+    if args.gpus_per_worker is not None and not args.workers:
+        raise UsageError("--gpus-per-worker needs --workers N (Ray workers)")
     if args.dataset is not None:
         DATASETS.get(args.dataset)
     if args.arch is not None:
@@ -162,26 +275,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- data, model, evaluation
     from .checkpoint import load_model
-    from .evaluation import evaluate
 
     data = load_dataset(dataset, args.data_dir or meta.get("data_dir"), val_size=0)
     if args.num_classes is not None and args.num_classes != data.num_classes:
         raise UsageError(f"--num-classes {args.num_classes} does not match dataset '{dataset}' ({data.num_classes} classes)")
-    model, meta = load_model(path, device, arch=arch, num_classes=data.num_classes, in_shape=data.in_shape)
-    n = len(data.test_y) if args.n_examples is None else min(args.n_examples, len(data.test_y))
-    metrics = evaluate(model, data.test_x[:n], data.test_y[:n], attacks, eps=eps, step_size=step_size,
-                       batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed)
-
-    summary = {"checkpoint": path if storage.is_remote(path) else os.path.abspath(path), "arch": arch, "dataset": dataset, "eps": eps,
-               "step_size": step_size, "n_examples": n, "attacks": attacks, "seed": args.seed, "metrics": metrics}
+    model, meta = load_model(path, device or "cpu", arch=arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    checkpoint = str(path) if storage.is_remote(path) else os.path.abspath(path)
+    summary = run_evaluation(checkpoint, model, data, attacks, eps=eps, step_size=step_size, n_examples=args.n_examples,
+                             batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                             gpus_per_worker=args.gpus_per_worker, device=device, sanity=args.sanity,
+                             storage_path=args.storage_path, name=args.name, dataset=dataset, quiet=args.quiet)
+    summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"}}
     print(_table(summary))
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     if mlflow_target is not None:
-        run_id = _log_mlflow(mlflow_target, args.experiment, summary)
+        run_id = _log_mlflow(mlflow_target, args.experiment, summary, summary["per_image"])
         print(f"logged to MLflow run {run_id}")
-    return 0
+    for check in summary.get("masking_flags", []):
+        print(f"warning: gradient masking? {summary['sanity_messages'][check]}", file=sys.stderr)
+    return 1 if summary.get("masking_flags") else 0
 
 
 if __name__ == "__main__":
