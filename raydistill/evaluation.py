@@ -8,6 +8,7 @@ fgsm       one step of size eps on the cross-entropy, no random start
 pgd10      PGD-10 on the cross-entropy, step ``step_size``, uniform start (validation)
 pgd20      PGD-20 on the cross-entropy, step ``step_size``, uniform start
 cw         CW-inf: PGD-30 on the CW margin loss with kappa 50, uniform start
+cw2        CW_2 (L2, unbounded: ignores eps), AdaAD's settings: c 0.1, kappa 0.01, 1000 Adam steps, lr 0.01
 aa         AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square)
 =========  ===============================================================
 
@@ -59,6 +60,8 @@ for _steps in (10, 20):
 _add("cw", "CW-inf, 30 steps, kappa 50",
      lambda model, x, y, *, eps, step_size, generator, **kw:
      A.cw_linf(model, x, y, eps=eps, step_size=step_size, steps=30, kappa=50.0, generator=generator))
+_add("cw2", "CW_2 (L2 Carlini-Wagner as AdaAD: c 0.1, kappa 0.01, 1000 Adam steps of lr 0.01, no eps bound)",
+     lambda model, x, y, **kw: A.cw_l2(model, x, y, c=0.1, kappa=0.01, steps=1000, lr=0.01))
 _add("aa", "AutoAttack (standard)",
      lambda model, x, y, *, eps, seed, **kw: A.autoattack(model, x, y, eps=eps, seed=seed, batch_size=len(x)))
 
