@@ -31,11 +31,11 @@ DEFAULT_EPS = 8 / 255
 
 def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.evaluate",
-                  description="Evaluate a checkpoint's clean and adversarial (L-inf) test accuracy.")
+                  description="Evaluate a checkpoint's clean and adversarial (L-inf; cw2: L2) test accuracy.")
     p.add_argument("checkpoint", help="raydistill checkpoint folder or model.pt, or an external state_dict file")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help=f"comma-separated subset of {', '.join(ATTACKS.names())} (default {','.join(DEFAULT_ATTACKS)})")
-    p.add_argument("--eps", type=nonneg_float, help="L-inf radius in [0,1] pixel scale, e.g. 8/255 (default: the training eps)")
+    p.add_argument("--eps", type=nonneg_float, help="L-inf radius in [0,1] pixel scale, e.g. 8/255 (default: the training eps; cw2 ignores it)")
     p.add_argument("--step-size", type=nonneg_float, help="PGD/CW step (default: the training step size, else eps/4)")
     p.add_argument("--n-examples", type=positive_int, help="evaluate the first N test examples (default all)")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")

@@ -8,6 +8,8 @@ fgsm           one step of size eps on the cross-entropy, no random start
 pgd10/50/100   PGD-10/50/100 on the cross-entropy, step ``step_size``, uniform start
 pgd20          PGD-20 on the cross-entropy, step ``step_size``, uniform start
 cw             CW-inf: PGD-30 on the CW margin loss with kappa 50, uniform start
+cw2            CW_2 (L2, unbounded: ignores eps; outside the L-inf threat model, so not in the worst
+               case), AdaAD's settings: c 0.1, kappa 0.01, 1000 Adam steps, lr 0.01
 aa             AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square); per image, the
                component that fooled it first (``aa_stage``)
 pgd100_eps1    PGD-100 at eps 1.0 (the whole [0, 1] box), step 0.025: a gradient-masking check,
@@ -92,6 +94,8 @@ for _steps in (10, 20, 50, 100):
 _add("cw", "CW-inf, 30 steps, kappa 50",
      lambda model, x, y, *, eps, step_size, generator, **kw:
      A.cw_linf(model, x, y, eps=eps, step_size=step_size, steps=30, kappa=50.0, generator=generator))
+_add("cw2", "CW_2 (L2 Carlini-Wagner as AdaAD: c 0.1, kappa 0.01, 1000 Adam steps of lr 0.01, no eps bound)",
+     lambda model, x, y, **kw: A.cw_l2(model, x, y, c=0.1, kappa=0.01, steps=1000, lr=0.01), threat=False)
 _add("aa", "AutoAttack (standard)", _aa)
 _add("pgd100_eps1", "PGD-100 at eps 1.0, step 0.025 (gradient-masking check)", _pgd(100, 1.0, 0.025),
      threat=False, hidden=True)
