@@ -248,18 +248,32 @@ class Trainer:
         return x[self.s.rank::self.s.world_size], y[self.s.rank::self.s.world_size]
 
     def robust_eval(self, model: nn.Module, x, y, attacks: list[str], prefix: str) -> dict[str, float]:
-        """Accuracy under ``attacks`` on this rank's shard, summed over ranks."""
-        from .evaluation import evaluate
+        """Accuracy under ``attacks`` (and, on the test split, the per-image worst case over them) of the
+        evaluation chunks this rank attacks (chunk c on rank c mod world size), summed over ranks. A chunk's
+        results do not depend on the rank that attacks it: the figures are the same for any worker count and
+        equal the evaluate command's with ``--batch-size`` max(256, --batch-size)."""
+        from .evaluation import ATTACKS, chunks_of, per_image
 
-        xs, ys = self.shard(x, y)
-        # evaluation in strict fp32 (no autocast, TF32 off) whatever --precision says; a folded copy
-        # (--fold-bn) is the same function
-        with fastpath.strict_fp32():
-            accs = evaluate(fastpath.inference_view(model), xs, ys, attacks, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                            batch_size=max(256, self.per_worker_batch), device=self.device) if len(ys) else {}
+        size = max(256, self.cfg.batch_size)
+        mine = list(range(self.s.rank, len(chunks_of(len(y), size)), self.s.world_size))
         keys = [f"{a}_acc" for a in attacks]
-        tot = all_reduce_sum([accs.get(k, 0.0) * len(ys) for k in keys] + [float(len(ys))], self.device)
-        return {f"{prefix}{k}": v / max(1.0, tot[-1]) for k, v in zip(keys, tot)}
+        threat = [a for a in attacks if ATTACKS.get(a).threat]
+        worst = prefix.startswith("test/") and len(threat) > 1
+        counts = [0.0] * (len(keys) + 2)
+        if mine:
+            # evaluation in strict fp32 (no autocast, TF32 off) whatever --precision says; a folded copy
+            # (--fold-bn) is the same function
+            with fastpath.strict_fp32():
+                cols = per_image(fastpath.inference_view(model), x, y, attacks, eps=self.cfg.eps,
+                                 step_size=self.cfg.step_size, batch_size=size, chunks=mine, device=self.device)
+            counts = [cols[a]["correct"].sum() for a in attacks]
+            both = torch.stack([cols[a]["correct"] for a in threat]).all(dim=0) if worst else cols[attacks[0]]["correct"]
+            counts += [both.sum(), len(both)]
+        tot = all_reduce_sum([float(c) for c in counts], self.device)
+        out = {f"{prefix}{k}": v / max(1.0, tot[-1]) for k, v in zip(keys, tot)}
+        if worst:
+            out[f"{prefix}worst_acc"] = tot[-2] / max(1.0, tot[-1])
+        return out
 
     def validate(self) -> dict[str, float]:
         with fastpath.strict_fp32():  # validation and its diagnostics: strict fp32 whatever --precision says

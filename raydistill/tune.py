@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         trials = collect(grid, cfg, parent, root)
-        failed = run_autoattack(trials, cfg, top_k, aa_n) if top_k else []
+        failed = run_autoattack(trials, cfg, top_k, aa_n, exp_path) if top_k else []
         s = tune_summary(cfg, name, parent, trials, objectives, time.time() - t0, args)
         finish_parent(cfg, parent, s, failed[0] if failed else None)
     except BaseException as exc:  # the search's end never leaves its parent run RUNNING
@@ -232,53 +232,44 @@ def collect(grid, cfg: TrainConfig, parent: str, root: str) -> list[dict[str, An
     return rows
 
 
-def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int) -> list[str]:
-    """AutoAttack (standard) on the k best completed trials' checkpoints; written to their runs. Returns
-    one line per trial whose AutoAttack failed (the others are still attacked)."""
+def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder: str) -> list[str]:
+    """AutoAttack (standard) on the k best completed trials' checkpoints, each sharded over the cluster's
+    workers (one per GPU, else per CPU) with its per-image results under ``folder``/evaluations (a relaunch
+    with --resume reuses them); written to the trials' runs. Returns one line per trial whose AutoAttack
+    failed (the others are still attacked)."""
     import ray
 
     from . import tracking
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .evaluate import run_evaluation
     from .train import root_cause
 
     done = [t for t in trials if t["status"] == "COMPLETED" and t["checkpoint"]]
     done.sort(key=lambda t: t["metrics"].get("val_best_pgd10_acc", 0.0), reverse=True)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    res = ray.cluster_resources()
+    workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
     failed = []
     for t in done[:k]:
         try:
-            acc = ray.get(_aa_task().options(num_gpus=gpus).remote(t["checkpoint"], n))
+            model, meta = load_model(t["checkpoint"], "cpu")
+            data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
+            s = run_evaluation(t["checkpoint"], model, data, ["aa"], eps=meta["eps"], step_size=meta["step_size"],
+                               n_examples=n, workers=workers, storage_path=folder, name=f"trial-{t['trial_id']}",
+                               dataset=meta["dataset"])
         except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
             t["error"] = f"AutoAttack: {root_cause(exc)}"
             failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")
             print(f"[raydistill] AutoAttack on trial {t['trial_id']} failed: {root_cause(exc)}", flush=True)
             continue
+        acc = s["metrics"]["aa_acc"]
         t["metrics"]["test_aa_acc"] = acc
         if t["mlflow_run_id"]:
-            tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={"test/aa_acc": acc})
-        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({n} test images): {acc:.4f}", flush=True)
+            tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={
+                "test/aa_acc": acc, **{f"test/aa_{c.replace('-', '_')}_acc": v for c, v in s["aa_components"].items()}})
+        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {workers} workers): "
+              f"{acc:.4f}", flush=True)
     return failed
-
-
-def _aa_remote(checkpoint: str, n: int) -> float:
-    import torch
-
-    from .checkpoint import load_model
-    from .data import load_dataset
-    from .evaluation import evaluate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, meta = load_model(checkpoint, device)
-    d = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"))
-    return evaluate(model, d.test_x[:n], d.test_y[:n], ["aa"], eps=meta["eps"], step_size=meta["step_size"],
-                    device=device)["aa_acc"]
-
-
-@functools.lru_cache(maxsize=None)
-def _aa_task():
-    """The AutoAttack Ray task, created on first use (importing this module stays cheap)."""
-    import ray
-
-    return ray.remote(num_cpus=1)(_aa_remote)
 
 
 def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str, Any]:

@@ -17,6 +17,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_storage(tmp_path_factory):
+    """Runs, searches and evaluations that name no --storage-path land in this session's folder, never in
+    ~/ray_results: stored evaluations are reused by content (raydistill.evalrun), and a test must attack."""
+    if "RAYDISTILL_STORAGE" in os.environ:
+        yield
+        return
+    os.environ["RAYDISTILL_STORAGE"] = str(tmp_path_factory.mktemp("storage"))
+    yield
+    os.environ.pop("RAYDISTILL_STORAGE", None)
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu``-marked tests need CUDA: skipped (and counted as skipped) where there is none."""
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]

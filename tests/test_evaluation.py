@@ -116,7 +116,7 @@ def test_aa_subset_and_step_size_default(trained, monkeypatch):
 def test_parse_attacks():
     assert parse_attacks("clean, pgd20,clean,aa") == ["clean", "pgd20", "aa"]
     assert parse_attacks(["fgsm", "cw"]) == ["fgsm", "cw"]
-    with pytest.raises(UsageError, match=r"^unknown attack 'pgd7'; choose from: clean, fgsm, pgd10, pgd20, cw, cw2, aa$"):
+    with pytest.raises(UsageError, match=r"^unknown attack 'pgd7'; choose from: clean, fgsm, pgd10, pgd20, pgd50, pgd100, cw, cw2, aa$"):
         parse_attacks("clean,pgd7")
     with pytest.raises(UsageError, match="no attack given"):
         parse_attacks(" , ")

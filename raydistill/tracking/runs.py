@@ -213,10 +213,10 @@ def close_run(uri: str, run_id: str, status: str = "FINISHED", reason: str | Non
 
 
 def log_batch(uri: str, run_id: str, *, metrics: dict[str, float] | None = None,
-              params: dict[str, Any] | None = None, step: int = 0) -> list[str]:
-    """Log ``metrics`` at ``step`` and the ``params`` the run lacks; returns the names of those params it
-    already had with another value (MLflow never changes a param). A refused request is a UsageError."""
-    from mlflow.entities import Metric, Param
+              params: dict[str, Any] | None = None, step: int = 0, tags: dict[str, str] | None = None) -> list[str]:
+    """Log ``metrics`` at ``step``, ``tags`` and the ``params`` the run lacks; returns the names of those params
+    it already had with another value (MLflow never changes a param). A refused request is a UsageError."""
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
@@ -226,10 +226,11 @@ def log_batch(uri: str, run_id: str, *, metrics: dict[str, float] | None = None,
     now = int(time.time() * 1000)
     ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
     ps = [Param(k, v) for k, v in params.items() if k not in existing]
-    batches = [ps[i:i + 100] for i in range(0, len(ps), 100)] or ([[]] if ms else [])  # <= 100 params a request
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    batches = [ps[i:i + 100] for i in range(0, len(ps), 100)] or ([[]] if ms or ts else [])  # <= 100 params a request
     try:
         for i, batch in enumerate(batches):
-            c.log_batch(run_id, metrics=ms if i == 0 else [], params=batch)
+            c.log_batch(run_id, metrics=ms if i == 0 else [], params=batch, tags=ts if i == 0 else [])
     except MlflowException as exc:
         raise UsageError(f"MLflow refused the results for run {run_id}: {first_line(exc)}") from None
     return clash
