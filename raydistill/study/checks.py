@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
@@ -19,15 +20,22 @@ from ..errors import UsageError
 
 
 class Where:
-    """A key path inside a study file, for errors: ``Where("s.yaml").sub("search").sub("budget")``."""
+    """A key path inside a study file, for errors: ``Where("s.yaml").sub("search").sub("budget")``.
 
-    def __init__(self, file: str, path: str = ""):
+    Names of registered things (methods, datasets, architectures, attacks) are checked in a second pass,
+    :meth:`check_names`, so that a file's shape and types are checked without importing PyTorch.
+    """
+
+    KINDS = ("method", "dataset", "model", "attack")
+
+    def __init__(self, file: str, path: str = "", pending: list | None = None):
         self.file, self.path = file, path
+        self.pending = [] if pending is None else pending  # (where, name, kind), shared by every sub-path
 
     def sub(self, key: Any) -> "Where":
         if isinstance(key, int):
-            return Where(self.file, f"{self.path}[{key}]")
-        return Where(self.file, f"{self.path}.{key}" if self.path else str(key))
+            return Where(self.file, f"{self.path}[{key}]", self.pending)
+        return Where(self.file, f"{self.path}.{key}" if self.path else str(key), self.pending)
 
     def fail(self, what: str, accepted: str | None = None) -> NoReturn:
         where = self.path or "<top level>"
@@ -36,6 +44,38 @@ class Where:
     def wrap(self, exc: UsageError) -> NoReturn:
         """Re-raise a UsageError of the configuration (``--set tau=-1: ...``) at this key."""
         self.fail(" ".join(str(exc).split()))
+
+    # ---- names (checked by check_names)
+    def name(self, value: Any, kind: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"{describe(value)} is not a {kind} name", f"the name of a {kind}")
+        self.pending.append((self, value, kind))
+        return value
+
+    def names(self, value: Any, kind: str) -> list[str]:
+        """A non-empty list of distinct names of ``kind`` (one name alone is a list of one)."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            self.fail(f"expected a non-empty list of {kind}s, got {describe(value)}", f"a list of {kind} names")
+        out = [self.sub(i).name(v, kind) for i, v in enumerate(value)]
+        dup = [v for i, v in enumerate(out) if v in out[:i]]
+        if dup:
+            self.fail(f"'{dup[0]}' is listed twice", f"each {kind} once")
+        return out
+
+    def check_names(self) -> None:
+        """Every name met so far against its registry (this imports the methods, models: PyTorch)."""
+        from ..data import DATASETS
+        from ..evaluation import ATTACKS
+        from ..methods import METHODS
+        from ..models import MODELS
+
+        known = {"method": METHODS.names(), "dataset": DATASETS.names(), "model": MODELS.names(),
+                 "attack": ATTACKS.names()}
+        for where, value, kind in self.pending:
+            if value not in known[kind]:
+                where.fail(f"unknown {kind} {describe(value)}", ", ".join(known[kind]))
 
     # ---- mappings
     def mapping(self, value: Any, keys: Iterable[str], what: str = "a mapping") -> dict:
@@ -97,21 +137,6 @@ class Where:
             self.sub(key).fail(f"unknown value {describe(v)}", ", ".join(choices))
         return v
 
-    def names(self, value: Any, choices: Iterable[str], what: str) -> list[str]:
-        """A non-empty list of distinct names, each one of ``choices``."""
-        choices = list(choices)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            self.fail(f"expected a non-empty list of {what}, got {describe(value)}", ", ".join(choices))
-        for i, v in enumerate(value):
-            if not isinstance(v, str) or v not in choices:
-                self.sub(i).fail(f"unknown {what[:-1] if what.endswith('s') else what} {describe(v)}", ", ".join(choices))
-        dup = [v for i, v in enumerate(value) if v in value[:i]]
-        if dup:
-            self.fail(f"'{dup[0]}' is listed twice", f"each {what[:-1]} once")
-        return list(value)
-
 
 def describe(v: Any) -> str:
     """A short rendering of a YAML value for an error line."""
@@ -137,7 +162,8 @@ def option(where: Where, name: str, value: Any, parse: Callable, choices: tuple 
     try:
         out = parse(str(value)) if parse is not None else str(value)
     except argparse.ArgumentTypeError as exc:
-        where.fail(str(exc))
+        m = re.fullmatch(r"must be (.*), got (.*)", str(exc))
+        where.fail(f"{m.group(2)} is out of range", m.group(1)) if m else where.fail(str(exc))
     except UsageError as exc:
         where.wrap(exc)
     if choices and out not in choices:

@@ -9,8 +9,9 @@ FLOPs of a training run = epochs x [training images x sum over the method's netw
 * Passes per image of one training step: :data:`PASSES` (the method's attack steps included, the
   teachers' forwards included; IAD / AdaIAD after their warm-up), as counted by ``raydistill.bench``
   (BENCHMARKS.md, "Passes per training step").
-* GFLOPs of one forward of one image: counted by torch's FLOP counter (2 per multiply-add, convolutions
-  and matmuls) on the meta device at the dataset's image size; ``estimate.gflops`` overrides an arch.
+* GFLOPs of one forward of one image: :data:`GFLOPS_32`, counted by torch's FLOP counter (2 per
+  multiply-add, convolutions and matmuls) at 32x32 and scaled by the dataset's pixels (an architecture
+  missing there is counted on the meta device); ``estimate.gflops`` overrides an arch.
 * A backward costs ``backward_factor`` (default 2) forwards.
 * Evaluation attacks per image: :data:`ATTACK_PASSES`; AutoAttack (standard) runs APGD-CE on every
   image, then APGD-T (9 x 100), FAB-T (9 x 100) and Square (5000 forward queries) on the fraction
@@ -80,17 +81,32 @@ PASSES: dict[str, Callable[[Any, int], Passes]] = {
 }
 
 
+# GFLOPs of one forward of one 3x32x32 image, 10 classes (torch.utils.flop_counter, 2 per multiply-add);
+# a forward's FLOPs scale with the image's pixels (these networks pool adaptively): x1/16 on 8x8, x4 on 64x64
+GFLOPS_32 = {"resnet18": 1.1108, "resnet34": 2.3188, "preact_resnet18": 1.1108, "wrn34_10": 13.318, "wrn34_20": 53.164,
+             "wrn70_16": 77.528, "mobilenet_v2": 0.1823, "vgg16": 0.6264, "small_cnn": 0.0490}
+
+
+def gflops_of(arch: str, dataset: str) -> float:
+    """GFLOPs of one forward of one image of ``dataset`` through ``arch``: the table scaled to its size, or
+    counted for an architecture not in it."""
+    from ..data import DATASETS
+
+    spec = DATASETS.get(dataset)
+    shape = spec.in_shape or (3, 32, 32)
+    if arch in GFLOPS_32:
+        return GFLOPS_32[arch] * shape[1] * shape[2] / (32 * 32)
+    return counted_gflops(arch, shape, spec.num_classes or 10)
+
+
 @functools.lru_cache(maxsize=None)
-def counted_gflops(arch: str, dataset: str) -> float:
-    """GFLOPs of one forward of one image of ``dataset`` through ``arch`` (torch's FLOP counter, meta device)."""
+def counted_gflops(arch: str, shape: tuple[int, int, int], classes: int) -> float:
+    """GFLOPs of one forward of one image by torch's FLOP counter on the meta device (nothing computed)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..data import DATASETS
     from ..models import build_model
 
-    spec = DATASETS.get(dataset)
-    shape, classes = spec.in_shape or (3, 32, 32), spec.num_classes or 10
     with torch.device("meta"):
         model, x = build_model(arch, classes, shape).eval(), torch.zeros(1, *shape)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -106,7 +122,7 @@ class CostModel:
     estimate: EstimateSpec
 
     def gflops(self, arch: str) -> float:
-        return self.estimate.gflops.get(arch) or counted_gflops(arch, self.dataset)
+        return self.estimate.gflops.get(arch) or gflops_of(arch, self.dataset)
 
     def tflops(self, precision: str) -> float:
         return self.estimate.tflops or REFERENCE_TFLOPS.get(precision, REFERENCE_TFLOPS["fp32"])
@@ -173,7 +189,8 @@ class CostModel:
         return [
             "device-hours = FLOPs / throughput + overhead, summed over devices (not wall-clock)",
             f"throughput: {rate}",
-            f"GFLOPs of one forward per {self.dataset} image (torch's FLOP counter; estimate.gflops overrides): {flops}",
+            f"GFLOPs of one forward per {self.dataset} image (torch's FLOP counter at 32x32, scaled by pixels; "
+            f"estimate.gflops overrides): {flops}",
             f"a backward = {e.backward_factor:g} forwards; passes per training step as counted by raydistill.bench "
             "(attack steps and teachers' forwards included; IAD/AdaIAD after warm-up)",
             "each epoch: the training split + validation (clean and PGD-10 of the student); each training run ends "

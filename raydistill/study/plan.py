@@ -100,7 +100,12 @@ def _build(spec: StudySpec, method: str, layers: list[tuple[Where, dict]], hp: t
         try:
             resolve(method, so_far, hp[1] if i == len(layers) else {})
         except UsageError as exc:
-            where = where if i else _base_where(spec, owner, str(exc))
+            message = str(exc)
+            if i == 0:
+                where = _base_where(spec, owner, message)
+            elif i == len(layers) and message.startswith("--set "):  # --set NAME=VALUE: ... -> set.NAME
+                name = message[len("--set "):].split(":", 1)[0].split("=", 1)[0]
+                where = where.sub(name) if name in hp[1] else where
             where.wrap(exc)
     raise AssertionError("unreachable: resolve failed, then passed")
 

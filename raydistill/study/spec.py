@@ -126,25 +126,22 @@ class StudySpec:
 
 
 def load(path: str | os.PathLike, label: str | None = None) -> StudySpec:
-    """Read and check a study file (raises UsageError: one line naming the file and the key)."""
-    from ..data import DATASETS
-    from ..evaluation import ATTACKS
-    from ..methods import METHODS
-    from ..models import MODELS
+    """Read and check a study file (raises UsageError: one line naming the file and the key).
 
+    First the file's shape, types and ranges (no PyTorch import: a malformed file fails in a blink), then
+    the names of methods, datasets, architectures and attacks, then what needs them (teachers' methods).
+    """
     p = Path(path)
     label = label or str(path)
     top = Where(label)
     doc = top.mapping(read_yaml(p, label), TOP_KEYS)
     base = p.resolve().parent
-    name = top.text(doc, "study", p.stem.removesuffix(".study"))
-    dataset = top.choice(doc, "dataset", DATASETS.names(), None)
-    if dataset is None:
-        top.sub("dataset").fail("missing", ", ".join(DATASETS.names()))
-    student = top.choice(doc, "student", MODELS.names(), None)
-    if student is None:
-        top.sub("student").fail("missing", ", ".join(MODELS.names()))
-    peer = top.choice(doc, "peer", MODELS.names(), None)
+    name = top.text(doc, "study", p.stem)
+    if "/" in name or name.startswith("."):
+        top.sub("study").fail(f"{name!r} is not a plain folder name", "a name without '/', not starting with '.'")
+    dataset = top.sub("dataset").name(top.required(doc, "dataset", "the name of a dataset"), "dataset")
+    student = top.sub("student").name(top.required(doc, "student", "the name of a model"), "model")
+    peer = top.sub("peer").name(doc["peer"], "model") if doc.get("peer") is not None else None
 
     w = top.sub("threat")
     t = w.mapping(doc.get("threat"), THREAT_KEYS)
@@ -152,8 +149,8 @@ def load(path: str | os.PathLike, label: str | None = None) -> StudySpec:
                                 ("attack_steps", w.integer(t, "attack_steps", low=1))) if v is not None}
 
     train = _train(top.sub("train"), doc.get("train"), dataset, base)
-    methods = _methods(top.sub("methods"), doc.get("methods"), METHODS.names(), base)
-    teachers = _teachers(top.sub("teachers"), doc.get("teachers"), METHODS, MODELS.names(), base)
+    methods = _methods(top.sub("methods"), doc.get("methods"), base)
+    teachers = _teachers(top.sub("teachers"), doc.get("teachers"), base)
     search = _search(top.sub("search"), doc.get("search"))
     w = top.sub("final")
     f = w.mapping(doc.get("final"), FINAL_KEYS)
@@ -161,12 +158,19 @@ def load(path: str | os.PathLike, label: str | None = None) -> StudySpec:
 
     w = top.sub("evaluation")
     e = w.mapping(doc.get("evaluation"), EVAL_KEYS)
-    attacks = tuple(w.sub("attacks").names(e.get("attacks", list(DEFAULT_ATTACKS)), ATTACKS.names(), "attacks"))
-    n = e.get("n_examples")
-    n_examples = None if n in (None, "all") else w.integer(e, "n_examples", low=1)
+    attacks = tuple(w.sub("attacks").names(e.get("attacks", list(DEFAULT_ATTACKS)), "attack"))
+    n = e.get("n_examples", "all")
+    if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        w.sub("n_examples").fail(f"{describe(n)} is not a count of test images", "an integer >= 1, or all")
+    n_examples = None if n == "all" else n
     evaluation = EvalSpec(attacks, n_examples, w.integer(e, "batch_size", 256, low=1),
                           w.integer(e, "max_concurrent", 1, low=1))
-    estimate = _estimate(top.sub("estimate"), doc.get("estimate"), MODELS.names())
+    estimate = _estimate(top.sub("estimate"), doc.get("estimate"))
+    top.check_names()
+    _check_teacher_methods(top.sub("teachers"), teachers)
+    for role, tspec in teachers.items():
+        if tspec.checkpoint is not None:
+            _check_exists(top.sub("teachers").sub(role).sub("checkpoint"), tspec.checkpoint)
     return StudySpec(label, p, name, dataset, student, peer, threat, train, teachers, methods, search, final,
                      evaluation, estimate)
 
@@ -223,62 +227,67 @@ def _hp(w: Where, value: Any) -> dict:
     return dict(value)
 
 
-def _methods(w: Where, value: Any, known: list[str], base: Path) -> tuple[MethodSpec, ...]:
+def _methods(w: Where, value: Any, base: Path) -> tuple[MethodSpec, ...]:
     if value is None:
-        w.fail("missing", "a list of methods, or a mapping method -> {set, search_space, schedule}: "
-               + ", ".join(known))
-    if isinstance(value, dict):
-        out = []
-        for name, v in value.items():
-            mw = w.sub(name)
-            if name not in known:
-                mw.fail("unknown method", ", ".join(known))
-            d = mw.mapping(v, METHOD_KEYS)
-            space = mw.text(d, "search_space")
-            out.append(MethodSpec(name, _hp(mw.sub("set"), d.get("set")), _local(space, base) if space else None,
-                                  _schedule(mw, d, "schedule", SCHEDULE_KEYS)))
-        if not out:
-            w.fail("no method given", ", ".join(known))
-        return tuple(out)
-    return tuple(MethodSpec(n) for n in w.names(value, known, "methods"))
+        w.fail("missing", "a list of methods, or a mapping method -> {set, search_space, schedule}")
+    if not isinstance(value, dict):
+        return tuple(MethodSpec(n) for n in w.names(value, "method"))
+    if not value:
+        w.fail("no method given", "a list of methods, or a mapping method -> {set, search_space, schedule}")
+    out = []
+    for name, v in value.items():
+        mw = w.sub(name)
+        mw.name(name, "method")
+        d = mw.mapping(v, METHOD_KEYS)
+        space = mw.text(d, "search_space")
+        out.append(MethodSpec(name, _hp(mw.sub("set"), d.get("set")), _local(space, base) if space else None,
+                              _schedule(mw, d, "schedule", SCHEDULE_KEYS)))
+    return tuple(out)
 
 
-def _teachers(w: Where, value: Any, registry, archs: list[str], base: Path) -> dict:
-    from ..methods._teachers import OfflineMethod
-
+def _teachers(w: Where, value: Any, base: Path) -> dict:
     d = w.mapping(value, TEACHER_ROLES)
     out = {}
     for role, v in d.items():
         tw = w.sub(role)
+        arch = lambda t: tw.sub("arch").name(t["arch"], "model") if t.get("arch") is not None else None  # noqa: E731
         if isinstance(v, dict) and "checkpoint" in v:
             t = tw.mapping(v, GIVEN_TEACHER_KEYS)
-            out[role] = TeacherSpec(role, arch=tw.choice(t, "arch", archs), checkpoint=_checkpoint(tw, t, base))
+            out[role] = TeacherSpec(role, arch=arch(t), checkpoint=_local(tw.text(t, "checkpoint"), base))
             continue
         t = tw.mapping(v, TRAINED_TEACHER_KEYS, "a mapping {method, arch, schedule, set, seed} or {checkpoint, arch}")
-        trainable = [n for n in registry.names() if not issubclass(registry.get(n), OfflineMethod)]
-        ok = ["natural"] if role == "natural" else [n for n in trainable if n != "natural"]
-        method = tw.required(t, "method", ", ".join(ok) + " (trained in the study), or give checkpoint: PATH_OR_URI")
-        if method not in ok:
-            tw.sub("method").fail(f"{describe(method)} cannot train the {role} teacher", ", ".join(ok))
-        out[role] = TeacherSpec(role, method, tw.choice(t, "arch", archs), _schedule(tw, t, "schedule", SCHEDULE_KEYS,
-                                preset=True), _hp(tw.sub("set"), t.get("set")), tw.integer(t, "seed", 0))
+        method = tw.required(t, "method", "a method that trains it (pgd_at, trades; natural for the natural teacher), "
+                             "or give checkpoint: PATH_OR_URI")
+        out[role] = TeacherSpec(role, tw.sub("method").name(method, "method"), arch(t),
+                                _schedule(tw, t, "schedule", SCHEDULE_KEYS, preset=True), _hp(tw.sub("set"), t.get("set")),
+                                tw.integer(t, "seed", 0))
     return out
 
 
-def _checkpoint(w: Where, t: dict, base: Path) -> str:
-    """A given teacher's checkpoint, which must exist: a local path, or a URI checked on its storage."""
+def _check_teacher_methods(w: Where, teachers: dict) -> None:
+    """A trained teacher's method trains from scratch without teachers (the natural one: natural)."""
+    from ..methods import METHODS
+    from ..methods._teachers import OfflineMethod
+
+    trainable = [n for n in METHODS.names() if not issubclass(METHODS.get(n), OfflineMethod)]
+    for role, t in teachers.items():
+        ok = ["natural"] if role == "natural" else [n for n in trainable if n != "natural"]
+        if t.trained and t.method not in ok:
+            w.sub(role).sub("method").fail(f"'{t.method}' cannot train the {role} teacher", ", ".join(ok))
+
+
+def _check_exists(w: Where, path: str) -> None:
+    """A given teacher's checkpoint must exist: a local path, or a URI looked up on its storage."""
     from .. import storage
     from ..errors import UsageError
 
-    path = _local(w.text(t, "checkpoint"), base)
     accepted = "a raydistill checkpoint folder or a .pt/.pth state_dict that exists, local or a URI (s3://, gs://)"
     try:
         found = storage.exists(path) if storage.is_remote(path) else os.path.exists(path)
     except UsageError as exc:
-        w.sub("checkpoint").wrap(exc)
+        w.wrap(exc)
     if not found:
-        w.sub("checkpoint").fail(f"'{path}' does not exist", accepted)
-    return path
+        w.fail(f"'{path}' does not exist", accepted)
 
 
 def _search(w: Where, value: Any) -> SearchSpec:
@@ -323,14 +332,17 @@ def _seeds(w: Where, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _estimate(w: Where, value: Any, archs: list[str]) -> EstimateSpec:
-    from ..evaluation import ATTACKS
-
+def _estimate(w: Where, value: Any) -> EstimateSpec:
     d = w.mapping(value, ESTIMATE_KEYS)
-    gw, aw = w.sub("gflops"), w.sub("attack_passes")
-    g, a = gw.mapping(d.get("gflops"), archs), aw.mapping(d.get("attack_passes"), ATTACKS.names())
-    gflops = {k: gw.number(g, k, positive=True) for k in g}
-    passes = {k: aw.number(a, k, positive=True) for k in a}
+    gflops, passes = {}, {}
+    for key, kind, out in (("gflops", "model", gflops), ("attack_passes", "attack", passes)):
+        kw = w.sub(key)
+        m = d.get(key)
+        if m is not None and not isinstance(m, dict):
+            kw.fail(f"expected a mapping, got {describe(m)}", f"a mapping of {kind} name -> number")
+        for k in m or {}:
+            kw.sub(k).name(k, kind)
+            out[k] = kw.number(m, k, positive=True)
     fraction = w.number(d, "aa_robust_fraction", 0.5)
     if fraction > 1:
         w.sub("aa_robust_fraction").fail(f"{fraction} is above 1", "a fraction in [0, 1]")
