@@ -162,6 +162,7 @@ def _plan(tmp_path: Path, text: str, **kw):
     (OK + "evaluation: {n_examples: 5000}\n", "evaluation.n_examples: 5000 is more than the 449 test images of digits"),
     (BASE + "methods: [pgd_at]\nsearch: {budget: {device_hours: 0.00001}, epochs: 8}\n",
      "search.budget.device_hours: 1e-05 device-hours buy"),
+    (OK + "train: {workers: 0}\n", "train.workers: 0 (in-process) cannot run the search"),
     (OK + "train: {workers: 4, batch_size: 2}\n", "train.batch_size: --batch-size 2 is smaller than --workers 4"),
     (BASE + "methods: {peeraid: {set: {tau: -1}}}\n" + SEARCH, "methods.peeraid.set.tau: --set tau=-1: tau of peeraid must be > 0"),
     (BASE + "methods: [akd2]\nteachers: {robust: {method: pgd_at}}\n" + SEARCH, "methods.akd2: akd2 needs the natural teacher"),

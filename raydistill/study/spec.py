@@ -196,6 +196,9 @@ def _train(w: Where, value: Any, dataset: str, base: Path) -> dict:
         if PRESETS[preset].get("dataset", dataset) != dataset:
             w.sub("preset").fail(f"preset '{preset}' is for {PRESETS[preset]['dataset']}, the study's dataset is "
                                  f"{dataset}", "a preset of the study's dataset, or none")
+    if out.get("workers") == 0:
+        w.sub("workers").fail("0 (in-process) cannot run the search: each trial is a Ray Train run",
+                              "a count >= 1, or an elastic range MIN-MAX")
     if "data_dir" in out:
         out["data_dir"] = _local(out["data_dir"], base)
     return out
