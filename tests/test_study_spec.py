@@ -86,7 +86,8 @@ def results(tmp_path_factory) -> dict:
     start("quickstart", [sys.executable, "-c", IMPORT_CHECK, "quickstart", "--dry-run", "--storage-path", "{dir}/store"], {})
     start("cifar10", [sys.executable, "-m", "raydistill.study", str(REPO / "studies" / "cifar10-resnet18.yaml"),
                       "--dry-run", "--storage-path", "{dir}/store", "--summary-json", "{dir}/s.json"], {})
-    start("not_built", [sys.executable, "-m", "raydistill.study", "ok.yaml", "--storage-path", "{dir}/store"], {"ok.yaml": OK})
+    start("raydistill_command", [sys.executable, "-c", "from raydistill.cli import main; main()", "study", "ok.yaml",
+                                 "--dry-run", "--name", ".hidden"], {"ok.yaml": OK})
     out = {}
     for name, (p, d, before) in procs.items():
         stdout, stderr = p.communicate(timeout=300)
@@ -135,9 +136,21 @@ def test_cifar10_study_dry_run_prints_stages_runs_budgets_hours(results):
     assert sorted(p.name for p in d.iterdir()) == before
 
 
-def test_running_is_not_built_yet(results):
-    line = _one_error_line(results["not_built"])
-    assert "running a study is not built yet; --dry-run prints its plan" in line
+def test_the_raydistill_command_runs_study(results):
+    line = _one_error_line(results["raydistill_command"])
+    assert "error: --name '.hidden' must be a plain folder name" in line
+
+
+def test_running_is_not_built_yet(tmp_path, monkeypatch):
+    from raydistill.errors import UsageError
+    from raydistill.study.__main__ import main
+
+    (tmp_path / "ok.yaml").write_text(OK)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UsageError, match="running a study is not built yet; --dry-run prints its plan"):
+        main(["ok.yaml", "--storage-path", str(tmp_path / "store")])
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.yaml"]
 
 
 # ----------------------------------------------------------------------------- in-process

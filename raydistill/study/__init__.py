@@ -36,4 +36,11 @@ def load_study(name_or_path: str, name: str | None = None, storage_path: str | N
                       name=name, storage_path=storage_path, tracking_uri=tracking_uri)
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The command (``raydistill study ...``, ``python -m raydistill.study ...``): see :mod:`.__main__`."""
+    from .__main__ import run as command
+
+    command(argv)
+
+
 __all__ = ["Plan", "Run", "Stage", "StudySpec", "build_plan", "find", "format_plan", "load", "load_study"]

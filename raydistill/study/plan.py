@@ -81,7 +81,10 @@ class Plan:
         return [r for s in self.stages for r in s.runs]
 
     def run(self, key: str) -> Run:
-        return next(r for r in self.runs() if r.key == key)
+        for r in self.runs():
+            if r.key == key:
+                return r
+        raise KeyError(f"no run '{key}' in the plan of study {self.name}")
 
 
 # ----------------------------------------------------------------------------- configurations
