@@ -144,19 +144,23 @@ class TrainingState:
     """Everything a resume needs, in the one place that writes and reads it (``state.pt``'s keys):
 
     ``nets`` and ``optimizers`` (every trained network, bare, and its optimizer, by name), ``swa`` (the
-    averaged weights, or None), ``epoch`` (epochs completed), ``best`` (the best student by validation
-    PGD-10: ``pgd10``, ``epoch``, ``student``, its CPU ``state_dict`` (None before the first epoch),
-    ``averaged``), ``history`` (every epoch's metrics) and ``rng`` (torch, python, and cuda on a cuda
-    device). ``save`` adds the run's ``config`` (for readers; a resume takes the config it is given).
+    averaged weights, or None), ``epoch`` (epochs completed), ``best`` (the best student by the validation
+    accuracy ``selection``, "pgd10" or "clean" (Method.selection): ``score`` (that accuracy), ``by``
+    (``selection``), ``clean`` and ``pgd10`` (its validation accuracies), ``epoch``, ``student``, its CPU
+    ``state_dict`` (None before the first epoch), ``averaged``), ``history`` (every epoch's metrics) and
+    ``rng`` (torch, python, and cuda on a cuda device). ``save`` adds the run's ``config`` (for readers; a
+    resume takes the config it is given).
     """
 
     def __init__(self, nets: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                  swa: torch.optim.swa_utils.AveragedModel | None = None, *, student: str,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", selection: str = "pgd10"):
         self.nets, self.optimizers, self.swa = nets, optimizers, swa
         self.device = torch.device(device)
+        self.selection = selection
         self.epoch = 0
-        self.best: dict[str, Any] = {"pgd10": -1.0, "epoch": -1, "student": student, "state_dict": None}
+        self.best: dict[str, Any] = {"score": -1.0, "by": selection, "clean": -1.0, "pgd10": -1.0, "epoch": -1,
+                                     "student": student, "state_dict": None}
         self.history: list[dict] = []
 
     def state_dict(self) -> dict:
@@ -180,18 +184,20 @@ class TrainingState:
         if self.swa is not None and state.get("swa") is not None:
             self.swa.load_state_dict(state["swa"])
         self.epoch = int(state["epoch"])
-        self.best = state["best"]
         self.history = list(state["history"])
+        self.best = rescored(state["best"], self.history, self.selection)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(_tuple(rng["python"]))
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
-    def consider_best(self, pgd10: float, epoch: int, student: str, module: nn.Module, averaged: bool) -> None:
-        """Keep a CPU copy of ``module``'s weights as the best checkpoint if ``pgd10`` beats the best so far."""
-        if pgd10 > self.best["pgd10"]:
-            self.best = {"pgd10": pgd10, "epoch": epoch, "student": student,
+    def consider_best(self, accs: dict[str, float], epoch: int, student: str, module: nn.Module, averaged: bool) -> None:
+        """Keep a CPU copy of ``module``'s weights as the best checkpoint if its validation accuracy
+        ``accs[selection]`` beats the best so far; ``accs`` (``{"clean": ..., "pgd10": ...}``) are kept with it."""
+        score = accs[self.selection]
+        if score > self.best["score"]:
+            self.best = {"score": score, "by": self.selection, **accs, "epoch": epoch, "student": student,
                          "state_dict": cpu_copy(module.state_dict()), "averaged": averaged}
 
     def save(self, directory: str | os.PathLike, *, config: dict, student: str, arch: str, num_classes: int,
@@ -203,11 +209,29 @@ class TrainingState:
         state = dict(self.state_dict(), config=config)
         atomic_save(state, directory / STATE_FILE)
         model = self.nets[student]
-        best_meta = dict(meta, epoch=self.best["epoch"], val_pgd10_acc=self.best["pgd10"])
+        best = self.best
+        best_meta = dict(meta, epoch=best["epoch"], val_pgd10_acc=best["pgd10"], val_clean_acc=best["clean"],
+                         selected_by=f"val/{best['by']}_acc")
         atomic_save({**model_record(model, arch, num_classes, in_shape, best_meta),
                      "state_dict": self.best["state_dict"] or state["nets"][student]}, directory / MODEL_FILE)
         atomic_save(model_record(model, arch, num_classes, in_shape, dict(meta, epoch=self.epoch - 1)),
                     directory / LAST_MODEL_FILE)
+
+
+def rescored(best: dict, history: list[dict], selection: str) -> dict:
+    """``best`` as read from a checkpoint, scored by ``selection``. A checkpoint written before the selection
+    was recorded (no ``score``) picked its best by PGD-10; when ``selection`` differs from what picked it, its
+    score is its epoch's validation accuracy by ``selection`` from ``history`` (-1 where that is missing), so
+    a later epoch replaces it only by beating it."""
+    best = dict(best)
+    row = next((h for h in history if int(h.get("epoch", 0)) == best["epoch"] + 1), {})
+    prefix = "val/swa_" if best.get("averaged") else "val/"
+    best.setdefault("clean", row.get(f"{prefix}clean_acc", -1.0))
+    if "score" not in best:
+        best.update(score=best["pgd10"], by="pgd10")
+    if best["by"] != selection:
+        best.update(score=row.get(f"{prefix}{selection}_acc", -1.0), by=selection)
+    return best
 
 
 def _listify(obj):  # random.getstate() is stored as nested lists (and read back as tuples)

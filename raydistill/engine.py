@@ -4,8 +4,8 @@ Per epoch: every trained network steps once per batch (one backward over the sum
 loss terms, one SGD optimizer per network with the piecewise learning-rate decay), the student's
 weights are averaged (SWA) from ``swa_start`` with a BatchNorm refresh, the student (and its
 average) is validated on clean and PGD-10 inputs, the method's diagnostics are averaged, the best
-student by PGD-10 is kept, a checkpoint is written and reported, and rank 0 logs to MLflow.
-After the last epoch the best checkpoint is evaluated on the test split.
+student by the method's ``selection`` (PGD-10; natural: clean) is kept, a checkpoint is written and
+reported, and rank 0 logs to MLflow. After the last epoch the best checkpoint is evaluated on the test split.
 
 Resume: the checkpoint holds every network, optimizer, the averaged weights, the epoch, the RNG
 state and the metric history, so a restarted worker group (or a relaunch with the same --name,
@@ -41,6 +41,7 @@ from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_nice
 __all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
            "lr_at", "run_in_process", "train_worker"]
 WORKER_SWITCH_INTERVAL_S = 0.05  # the GIL switch interval in Ray Train workers (see train_worker)
+LABELS = {"pgd10": "PGD-10", "clean": "clean"}  # Method.selection, as the messages name it
 
 
 class NonFiniteLoss(RuntimeError):
@@ -150,7 +151,8 @@ class Trainer:
                                               weight_decay=cfg.weight_decay) for n in self.trainable}
         self.swa = (torch.optim.swa_utils.AveragedModel(raw["student"])
                     if cfg.swa_start is not None and "student" in raw else None)
-        self.state = TrainingState(self.modules, self.optimizers, self.swa, student=self.selected, device=self.device)
+        self.state = TrainingState(self.modules, self.optimizers, self.swa, student=self.selected, device=self.device,
+                                   selection=self.method.selection)  # "pgd10" | "clean": picks the best checkpoint
         self.restore(s.load_checkpoint())
         self.per_worker_batch = max(1, cfg.batch_size // s.world_size)
         self.logger = None
@@ -167,7 +169,7 @@ class Trainer:
         best = self.state.best
         self.selected = best.get("student", self.selected)
         if self.is_main:
-            print(f"[raydistill] resumed from epoch {self.start_epoch} (best PGD-10 {best['pgd10']:.4f} at epoch {best['epoch']})", flush=True)
+            print(f"[raydistill] resumed from epoch {self.start_epoch} (best {LABELS[best['by']]} {best['score']:.4f} at epoch {best['epoch']})", flush=True)
 
     @property
     def start_epoch(self) -> int:
@@ -248,32 +250,18 @@ class Trainer:
         return x[self.s.rank::self.s.world_size], y[self.s.rank::self.s.world_size]
 
     def robust_eval(self, model: nn.Module, x, y, attacks: list[str], prefix: str) -> dict[str, float]:
-        """Accuracy under ``attacks`` (and, on the test split, the per-image worst case over them) of the
-        evaluation chunks this rank attacks (chunk c on rank c mod world size), summed over ranks. A chunk's
-        results do not depend on the rank that attacks it: the figures are the same for any worker count and
-        equal the evaluate command's with ``--batch-size`` max(256, --batch-size)."""
-        from .evaluation import ATTACKS, chunks_of, per_image
+        """Accuracy under ``attacks`` (on the test split also the per-image worst case) of the chunks this rank
+        attacks (evaluation.rank_counts: the figures do not depend on the worker count), summed over ranks."""
+        from .evaluation import rank_counts
 
-        size = max(256, self.cfg.batch_size)
-        mine = list(range(self.s.rank, len(chunks_of(len(y), size)), self.s.world_size))
-        keys = [f"{a}_acc" for a in attacks]
-        threat = [a for a in attacks if ATTACKS.get(a).threat]
-        worst = prefix.startswith("test/") and len(threat) > 1
-        counts = [0.0] * (len(keys) + 2)
-        if mine:
-            # evaluation in strict fp32 (no autocast, TF32 off) whatever --precision says; a folded copy
-            # (--fold-bn) is the same function
-            with fastpath.strict_fp32():
-                cols = per_image(fastpath.inference_view(model), x, y, attacks, eps=self.cfg.eps,
-                                 step_size=self.cfg.step_size, batch_size=size, chunks=mine, device=self.device)
-            counts = [cols[a]["correct"].sum() for a in attacks]
-            both = torch.stack([cols[a]["correct"] for a in threat]).all(dim=0) if worst else cols[attacks[0]]["correct"]
-            counts += [both.sum(), len(both)]
-        tot = all_reduce_sum([float(c) for c in counts], self.device)
-        out = {f"{prefix}{k}": v / max(1.0, tot[-1]) for k, v in zip(keys, tot)}
-        if worst:
-            out[f"{prefix}worst_acc"] = tot[-2] / max(1.0, tot[-1])
-        return out
+        # strict fp32 (no autocast, TF32 off) whatever --precision says; a folded copy (--fold-bn) is the same function
+        with fastpath.strict_fp32():
+            keys, counts = rank_counts(fastpath.inference_view(model), x, y, attacks, rank=self.s.rank,
+                                       world_size=self.s.world_size, batch_size=max(256, self.cfg.batch_size),
+                                       eps=self.cfg.eps, step_size=self.cfg.step_size, device=self.device,
+                                       worst=prefix.startswith("test/"))
+        tot = all_reduce_sum(counts, self.device)
+        return {f"{prefix}{k}": v / max(1.0, tot[-1]) for k, v in zip(keys, tot)}
 
     def validate(self) -> dict[str, float]:
         with fastpath.strict_fp32():  # validation and its diagnostics: strict fp32 whatever --precision says
@@ -283,11 +271,11 @@ class Trainer:
         d = self.data
         if len(self.students) == 1:
             out = self.robust_eval(self.nets._module(self.selected), d.val_x, d.val_y, ["clean", "pgd10"], "val/")
-        else:  # every student reported; the most robust one is selected
+        else:  # every student reported; the best by the selection (the most robust) is selected
             out = {}
             for n in self.students:
                 out.update(self.robust_eval(self.nets._module(n), d.val_x, d.val_y, ["clean", "pgd10"], f"val/{n}_"))
-            self.selected = max(self.students, key=lambda n: out[f"val/{n}_pgd10_acc"])
+            self.selected = max(self.students, key=lambda n: out[f"val/{n}_{self.state.selection}_acc"])
             out["val/clean_acc"] = out[f"val/{self.selected}_clean_acc"]
             out["val/pgd10_acc"] = out[f"val/{self.selected}_pgd10_acc"]
             out["val/selected_student"] = float(self.students.index(self.selected))
@@ -346,12 +334,13 @@ class Trainer:
                 self.swa.update_parameters(self.nets._module("student"))
                 self.refresh_bn(self.swa.module, epoch)
             metrics.update(self.validate())
-            # the best checkpoint by validation PGD-10: the student or its weight average
-            state = self.state
-            state.consider_best(metrics["val/pgd10_acc"], epoch, self.selected, self.modules[self.selected], False)
+            # the best checkpoint by the selection: the student or its weight average (val/best_acc: by the selection)
+            state, accs = self.state, lambda pre: {k: metrics[f"{pre}{k}_acc"] for k in ("clean", "pgd10")}
+            state.consider_best(accs("val/"), epoch, self.selected, self.modules[self.selected], False)
             if "val/swa_pgd10_acc" in metrics:
-                state.consider_best(metrics["val/swa_pgd10_acc"], epoch, "student", self.swa.module, True)
-            metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1, "val/best_pgd10_acc": state.best["pgd10"]})
+                state.consider_best(accs("val/swa_"), epoch, "student", self.swa.module, True)
+            metrics.update({"epoch": epoch + 1, "epochs_completed": epoch + 1, "val/best_acc": state.best["score"],
+                            **{f"val/best_{k}_acc": state.best[k] for k in ("clean", "pgd10")}})
             state.history.append(metrics)
             state.epoch = epoch + 1
             if self.is_main:
@@ -375,7 +364,7 @@ class Trainer:
             self.logger.log_final(metrics)
 
     def test(self) -> dict[str, float]:
-        """Test-split figures of the best-PGD-10 student (and of the averaged student), in strict fp32."""
+        """Test-split figures of the best student by the selection (and of the averaged student), in strict fp32."""
         with fastpath.strict_fp32():
             return self._test()
 
@@ -391,14 +380,14 @@ class Trainer:
             out.update(self.robust_eval(self.swa.module, d.test_x, d.test_y, list(cfg.test_attacks), "test/swa_"))
         if self.is_main:
             which = "weight-averaged student" if best.get("averaged") else "student"
-            print("[raydistill] test (best PGD-10 checkpoint: %s, epoch %d): %s" % (which, out["best_epoch"], "  ".join(
+            print("[raydistill] test (best %s checkpoint: %s, epoch %d): %s" % (LABELS[self.state.selection], which, out["best_epoch"], "  ".join(
                 f"{k[5:]} {v:.4f}" for k, v in out.items() if k.startswith("test/"))), flush=True)
         return out
 
 
 def progress_line(epoch: int, epochs: int, m: dict) -> str:
     losses = " ".join(f"{k[len('train/loss_'):]}={v:.4f}" for k, v in m.items() if k.startswith("train/loss_"))
-    vals = " ".join(f"{k[4:]}={v:.3f}" for k, v in m.items() if k.startswith("val/") and k != "val/best_pgd10_acc")
+    vals = " ".join(f"{k[4:]}={v:.3f}" for k, v in m.items() if k.startswith("val/") and not k.startswith("val/best_"))
     n = int(m.get("train/workers", 1))
     return (f"[raydistill] epoch {epoch + 1}/{epochs} | loss {losses} | {vals} | "
             f"{m['train/images_per_s']:.0f} img/s on {n} worker{'s' if n > 1 else ''} | {m['train/epoch_time_s']:.1f}s")

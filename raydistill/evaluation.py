@@ -199,6 +199,26 @@ def per_image(model: nn.Module, x, y, attacks: list[str], *, eps: float, step_si
     return out
 
 
+def rank_counts(model: nn.Module, x, y, attacks: list[str], *, rank: int, world_size: int, batch_size: int,
+                eps: float, step_size: float, device, worst: bool = False) -> tuple[list[str], list[float]]:
+    """One rank's share of an evaluation split over ranks: chunk c goes to rank c mod world_size. Returns the
+    keys (``<attack>_acc``, and ``worst_acc`` when ``worst`` and at least two threat-model attacks run) and
+    this rank's counts of correct images per key, then its image count: summed over ranks and divided by the
+    last, they are the accuracies, the same for any world size."""
+    threat = [a for a in attacks if ATTACKS.get(a).threat]
+    worst = worst and len(threat) > 1
+    keys = [f"{a}_acc" for a in attacks] + (["worst_acc"] if worst else [])
+    mine = list(range(rank, len(chunks_of(len(y), batch_size)), world_size))
+    if not mine:
+        return keys, [0.0] * (len(keys) + 1)
+    cols = per_image(model, x, y, attacks, eps=eps, step_size=step_size, batch_size=batch_size, chunks=mine,
+                     device=device)
+    correct = [cols[a]["correct"] for a in attacks]
+    if worst:
+        correct.append(torch.stack([cols[a]["correct"] for a in threat]).all(dim=0))
+    return keys, [float(c.sum()) for c in correct] + [float(len(correct[0]))]
+
+
 def evaluate(model: nn.Module, x, y, attacks: list[str], *, eps: float, step_size: float | None = None,
              batch_size: int = 256, device: str | torch.device | None = None,
              progress: Progress | bool | None = None, aa_n_examples: int | None = None,

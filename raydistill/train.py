@@ -249,7 +249,11 @@ def root_cause(exc: BaseException) -> str:
 
 
 def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float) -> dict[str, Any]:
+    """The run's summary: ``metrics`` holds the test figures of the best checkpoint, the one with the best
+    validation accuracy ``selected_by`` names (val/pgd10_acc; natural training: val/clean_acc), which is
+    ``val_best_acc``; ``val_best_pgd10_acc`` is that checkpoint's validation PGD-10 accuracy."""
     from . import storage, tracking
+    from .methods import selected_by
 
     test = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     p = cfg.placement
@@ -259,14 +263,16 @@ def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float
             "epochs_completed": int(metrics.get("epochs_completed", 0)),
             "best_epoch": int(metrics.get("best_epoch", 0)),
             "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),
-            "metrics": test, "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
+            "metrics": test, "selected_by": selected_by(cfg.method), "val_best_acc": metrics.get("val/best_acc"),
+            "val_best_clean_acc": metrics.get("val/best_clean_acc"), "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
             "wall_time_s": round(wall, 2)}
 
 
 def print_summary(s: dict[str, Any]) -> None:
     rows = [("method", s["method"]), ("dataset", s["dataset"]), ("student", s["student"]),
             ("epochs", s["epochs_completed"]), ("best epoch", s["best_epoch"]),
-            ("best checkpoint", "weight-averaged student" if s["best_is_averaged"] else "student")]
+            ("best checkpoint", ("weight-averaged student" if s["best_is_averaged"] else "student")
+             + f" (by {s.get('selected_by', 'val/pgd10_acc')})")]
     rows += [(k, f"{v:.4f}") for k, v in s["metrics"].items()]
     rows += [("wall time", f"{s['wall_time_s']:.1f}s"), ("checkpoint", s["checkpoint"]),
              ("mlflow run", s["mlflow_run_id"] or "none (tracking off)")]

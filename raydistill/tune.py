@@ -3,7 +3,9 @@
 Ray Tune runs one trial per hyperparameter sample; each trial is a function that runs the method's
 TorchTrainer to completion (the Ray Train V2 pattern, metrics forwarded by TuneReportCallback).
 OptunaSearch (seeded multivariate TPE, or random, or a multi-objective clean/robust search) proposes
-samples from search_spaces/METHOD.yaml; ASHA stops weak trials early on val/pgd10_acc.
+samples from search_spaces/METHOD.yaml; ASHA stops weak trials early on val/pgd10_acc (natural
+training: val/clean_acc, the accuracy its runs keep their best checkpoint by, Method.selection), and
+trials are ranked by val/best_acc, their kept checkpoint's accuracy by that selection.
 MLflow: one parent run per search, one child run per trial (created by the trial's own launch).
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from .cli import ArgParser, nonneg_float, positive_int
 from .config import TrainConfig, add_run_options, build_config, flags_of, parse_set
 from .errors import UsageError, cli_entry
 
-METRIC = "val/pgd10_acc"
 OBJECTIVES = {"robust": "val/pgd10_acc", "clean": "val/clean_acc"}
+DEFAULT_OBJECTIVES = {"val/pgd10_acc": "robust", "val/clean_acc": "clean"}  # by the method's selection
 # --preset quickstart: digits + small_cnn, 8 trials, 2 at a time: minutes on a 2-core machine
 TUNE_PRESETS = {"quickstart": dict(num_samples=8, max_concurrent=2, grace_period=2, top_k=1, aa_n_examples=100)}
 
@@ -38,9 +40,11 @@ def parser() -> ArgParser:
     g.add_argument("--max-concurrent", type=positive_int, help="trials at once (default 2)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
     g.add_argument("--search-space", help="YAML file (default search_spaces/METHOD.yaml)")
-    g.add_argument("--objectives", default="robust", help="robust (val/pgd10_acc) or clean,robust for a Pareto search")
+    g.add_argument("--objectives", help="robust (val/pgd10_acc) or clean,robust for a Pareto search (default robust; "
+                   "natural: clean, its selection)")
     g.add_argument("--search", choices=["tpe", "random"], default="tpe", help="Optuna sampler (default tpe, multivariate, seeded)")
-    g.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping (default asha on val/pgd10_acc)")
+    g.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="early stopping (default asha on val/pgd10_acc; natural: val/clean_acc)")
     g.add_argument("--grace-period", type=positive_int, help="ASHA's minimum epochs per trial (default 2)")
     g.add_argument("--gpus-per-trial", type=nonneg_float, help="GPUs per trial, split over its workers (0.5 packs two trials on a GPU)")
     g.add_argument("--top-k", type=int, help="AutoAttack on the k best trials at the end (default 1; 0 = none)")
@@ -73,7 +77,7 @@ def run_trial(config: dict, *, method: str, flags: dict, hp: dict, space_path: s
 def parse_objectives(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names or any(n not in OBJECTIVES for n in names) or len(set(names)) != len(names):
-        raise UsageError(f"--objectives {text!r}; choose robust, or clean,robust for a Pareto search")
+        raise UsageError(f"--objectives {text!r}; choose robust, clean, or clean,robust for a Pareto search")
     return [OBJECTIVES[n] for n in names]
 
 
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     if top_k < 0:
         raise UsageError(f"--top-k {top_k} must be >= 0")
     aa_n = args.aa_n_examples or extra.get("aa_n_examples", 1000)
+    from .methods import selected_by
+
+    selection = selected_by(cfg.method)  # val/pgd10_acc, natural val/clean_acc
+    args.objectives = args.objectives or DEFAULT_OBJECTIVES[selection]
     objectives = parse_objectives(args.objectives)
     if args.scheduler == "asha" and grace > cfg.epochs:
         raise UsageError(f"--grace-period {grace} is longer than --epochs {cfg.epochs}")
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 # max_t one past the last epoch: ASHA never stops a trial on its final report, so the
                 # trial closes its own MLflow run (checkpoints, plots) before it ends
-                scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=cfg.epochs + 1,
+                scheduler = ASHAScheduler(metric=selection, mode="max", time_attr="epoch", max_t=cfg.epochs + 1,
                                           grace_period=grace, reduction_factor=2)
             tuner = tune.Tuner(
                 trainable,
@@ -227,9 +235,20 @@ def collect(grid, cfg: TrainConfig, parent: str, root: str) -> list[dict[str, An
             "checkpoint": checkpoint,
             "error": _one_line(res.error) if res.error else None,
             "metrics": {k.replace("/", "_"): v for k, v in m.items()
-                        if isinstance(v, (int, float)) and (k.startswith("test/") or k in ("val/pgd10_acc", "val/clean_acc", "val/best_pgd10_acc"))},
+                        if isinstance(v, (int, float)) and (k.startswith("test/") or k in VAL_KEPT)},
         })
     return rows
+
+
+# the validation figures a trial's row keeps: the last epoch's, and those of its kept (best) checkpoint
+VAL_KEPT = ("val/pgd10_acc", "val/clean_acc", "val/best_acc", "val/best_clean_acc", "val/best_pgd10_acc")
+
+
+def best_score(trial: dict, default: float) -> float:
+    """A trial's rank: its kept checkpoint's validation accuracy by its method's selection (val/best_acc;
+    a trial logged before that metric existed: val/best_pgd10_acc, what every method selected by)."""
+    m = trial["metrics"]
+    return m.get("val_best_acc", m.get("val_best_pgd10_acc", default))
 
 
 def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder: str) -> list[str]:
@@ -246,7 +265,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
     from .train import root_cause
 
     done = [t for t in trials if t["status"] == "COMPLETED" and t["checkpoint"]]
-    done.sort(key=lambda t: t["metrics"].get("val_best_pgd10_acc", 0.0), reverse=True)
+    done.sort(key=lambda t: best_score(t, 0.0), reverse=True)
     res = ray.cluster_resources()
     workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
     failed = []
@@ -275,7 +294,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
 def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str, Any]:
     ok = [t for t in trials if t["status"] in ("COMPLETED", "STOPPED")]
     key = objectives[0].replace("/", "_")
-    best = max(ok, key=lambda t: t["metrics"].get("val_best_pgd10_acc", t["metrics"].get(key, -1.0)), default=None)
+    best = max(ok, key=lambda t: best_score(t, t["metrics"].get(key, -1.0)), default=None)
     pareto = []
     if len(objectives) > 1:
         pts = [(t["metrics"].get("val_clean_acc", 0), t["metrics"].get("val_pgd10_acc", 0), t) for t in ok]

@@ -342,7 +342,7 @@ def test_a_checkpoint_in_the_old_layout_resumes(tmp_path):
     written = _state(0)
     _train_a_little(written)
     written.epoch, written.history = 3, [{"epoch": e + 1, "val/pgd10_acc": 0.1 * e} for e in range(3)]
-    written.consider_best(0.2, 2, "student", written.nets["student"], False)
+    written.consider_best({"clean": 0.6, "pgd10": 0.2}, 2, "student", written.nets["student"], False)
     random.seed(11)
     torch.manual_seed(12)
     checkpoint.atomic_save(_old_layout(written, 3, written.best, written.history), tmp_path / checkpoint.STATE_FILE)
@@ -363,9 +363,9 @@ def test_training_state_writes_the_old_layout_and_round_trips(tmp_path):
     written = _state(0)
     _train_a_little(written)
     written.epoch, written.history = 2, [{"epoch": 1}, {"epoch": 2}]
-    written.consider_best(0.3, 1, "student", written.swa.module, True)
-    written.consider_best(0.1, 1, "student", written.nets["student"], False)  # not better: kept
-    assert written.best["averaged"] is True and written.best["pgd10"] == 0.3
+    written.consider_best({"clean": 0.7, "pgd10": 0.3}, 1, "student", written.swa.module, True)
+    written.consider_best({"clean": 0.9, "pgd10": 0.1}, 1, "student", written.nets["student"], False)  # not better: kept
+    assert written.best["averaged"] is True and written.best["pgd10"] == 0.3 and written.best["score"] == 0.3
     meta = {"method": "pgd_at", "student": "student"}
     written.save(tmp_path, config={"seed": 0}, student="student", arch="small_cnn", num_classes=3,
                  in_shape=(1, 8, 8), meta=meta)
@@ -374,7 +374,8 @@ def test_training_state_writes_the_old_layout_and_round_trips(tmp_path):
     assert state["config"] == {"seed": 0} and state["epoch"] == 2 and state["rng"]["cuda"] is None
     assert isinstance(state["rng"]["python"], list)
     model, last = (checkpoint.safe_load(tmp_path / f) for f in (checkpoint.MODEL_FILE, checkpoint.LAST_MODEL_FILE))
-    assert model["meta"] == dict(meta, epoch=1, val_pgd10_acc=0.3) and last["meta"] == dict(meta, epoch=1)
+    assert model["meta"] == dict(meta, epoch=1, val_pgd10_acc=0.3, val_clean_acc=0.7, selected_by="val/pgd10_acc")
+    assert last["meta"] == dict(meta, epoch=1)
     swa_weights = written.swa.module.state_dict()["0.weight"]
     assert torch.equal(model["state_dict"]["0.weight"], swa_weights)  # the best: the averaged weights
     assert torch.equal(last["state_dict"]["0.weight"], written.nets["student"].state_dict()["0.weight"])
@@ -474,3 +475,93 @@ def test_hooks_are_called_in_order_at_their_points_and_a_non_hook_is_refused():
     assert calls == [("A", 1, 2, 3), ("B", 1, 2, 3), ("A", "end")]
     with pytest.raises(TypeError, match="not a hook"):
         Hooks([object()])
+
+
+def test_the_best_checkpoint_follows_the_selection():
+    """PGD-10 keeps the most robust epoch, "clean" (natural training) the most accurate; both keep the
+    kept epoch's two accuracies."""
+    history = [{"clean": 0.90, "pgd10": 0.30}, {"clean": 0.95, "pgd10": 0.20}, {"clean": 0.93, "pgd10": 0.25}]
+    for selection, epoch in (("pgd10", 0), ("clean", 1)):
+        state = _state(0, swa=False)
+        state.selection = selection
+        for e, accs in enumerate(history):
+            state.consider_best(accs, e, "student", state.nets["student"], False)
+        assert state.best["epoch"] == epoch and state.best["by"] == selection
+        assert state.best["score"] == history[epoch][selection]
+        assert (state.best["clean"], state.best["pgd10"]) == (history[epoch]["clean"], history[epoch]["pgd10"])
+
+
+def test_a_best_written_before_the_selection_is_rescored_from_the_history():
+    """A checkpoint's best without a score was picked by PGD-10: kept as such by a PGD-10 run; a natural run
+    scores it by its epoch's validation clean accuracy (so only a better epoch replaces it)."""
+    history = [{"epoch": 1, "val/clean_acc": 0.8, "val/pgd10_acc": 0.3}, {"epoch": 2, "val/clean_acc": 0.9, "val/pgd10_acc": 0.1}]
+    old = {"pgd10": 0.3, "epoch": 0, "student": "student", "state_dict": None, "averaged": False}
+    pgd = checkpoint.rescored(old, history, "pgd10")
+    assert (pgd["score"], pgd["by"], pgd["clean"]) == (0.3, "pgd10", 0.8)
+    clean = checkpoint.rescored(old, history, "clean")
+    assert (clean["score"], clean["by"], clean["pgd10"]) == (0.8, "clean", 0.3)
+
+
+def test_a_natural_run_keeps_its_best_clean_epoch(tmp_path):
+    """``train natural --preset quickstart`` in-process (5 epochs, one thread): the checkpoint kept, the summary,
+    the progress and the MLflow run all follow natural training's selection, validation clean accuracy (by
+    PGD-10, as every other method, a digits run kept epoch 3 of 10: clean 0.960 against 0.980 at the end)."""
+    import json
+
+    from raydistill.tracking import client
+    from raydistill.train import main
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["natural", "--dataset", "digits", "--preset", "quickstart", "--workers", "0", "--epochs", "5",
+                "--cpus-per-worker", "1", "--test-attacks", "clean", "--storage-path", str(tmp_path / "runs"),
+                "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--name", "nat",
+                "--summary-json", str(tmp_path / "nat.json")]
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    s = json.loads((tmp_path / "nat.json").read_text())
+    hist = checkpoint.read_state(s["checkpoint"])["history"]
+    clean = [h["val/clean_acc"] for h in hist]
+    best = clean.index(max(clean))  # the first epoch with the best clean accuracy
+    pgd_pick = [h["val/pgd10_acc"] for h in hist]
+    print(f"clean by epoch {clean}, kept epoch {best + 1}; PGD-10 would keep epoch {pgd_pick.index(max(pgd_pick)) + 1}")
+    assert s["selected_by"] == "val/clean_acc" and s["best_epoch"] == best + 1
+    assert s["val_best_acc"] == s["val_best_clean_acc"] == max(clean)
+    assert s["val_best_pgd10_acc"] == hist[best]["val/pgd10_acc"]  # the kept epoch's, not the best PGD-10
+    assert [h["val/best_acc"] for h in hist] == [max(clean[:e + 1]) for e in range(len(clean))]
+    model = checkpoint.safe_load(f"{s['checkpoint']}/{checkpoint.MODEL_FILE}")
+    assert (model["meta"]["epoch"], model["meta"]["selected_by"]) == (best, "val/clean_acc")
+    # the kept weights are that epoch's: their validation clean accuracy is the one logged then
+    from raydistill.data import load_dataset
+    from raydistill.evaluation import evaluate
+
+    net, _ = checkpoint.load_model(s["checkpoint"], "cpu")
+    d = load_dataset("digits", val_size=200)
+    assert evaluate(net, d.val_x, d.val_y, ["clean"], eps=0.0, step_size=0.0)["clean_acc"] == pytest.approx(max(clean))
+    run = client(s["tracking_uri"]).get_run(s["mlflow_run_id"]).data
+    assert run.tags["selected_by"] == "val/clean_acc" and run.tags["best_epoch"] == str(best + 1)
+    assert run.metrics["val/best_acc"] == max(clean)
+
+
+def test_tune_ranks_trials_by_their_kept_checkpoints_selection():
+    """A search's best trial has the best val/best_acc (a natural search: clean accuracy, not its PGD-10);
+    trials recorded before that metric existed rank by val/best_pgd10_acc. Natural searches default to the
+    clean objective and ASHA on val/clean_acc."""
+    from types import SimpleNamespace
+
+    from raydistill import tune
+    from raydistill.methods import selected_by
+
+    cfg = SimpleNamespace(method="natural", dataset="digits", placement=SimpleNamespace(tracking_uri=None))
+    args = SimpleNamespace(search="tpe", scheduler="asha")
+
+    def trial(tid, **m):
+        return {"trial_id": tid, "status": "COMPLETED", "epochs_completed": 2, "metrics": m}
+
+    new = [trial("a", val_best_acc=0.99, val_best_pgd10_acc=0.1), trial("b", val_best_acc=0.9, val_best_pgd10_acc=0.3)]
+    assert tune.tune_summary(cfg, "s", "p", new, ["val/clean_acc"], 1.0, args)["best"]["trial_id"] == "a"
+    old = [trial("a", val_best_pgd10_acc=0.2), trial("b", val_best_pgd10_acc=0.3)]
+    assert tune.tune_summary(cfg, "s", "p", old, ["val/pgd10_acc"], 1.0, args)["best"]["trial_id"] == "b"
+    assert tune.DEFAULT_OBJECTIVES[selected_by("natural")] == "clean"
+    assert tune.DEFAULT_OBJECTIVES[selected_by("pgd_at")] == "robust"

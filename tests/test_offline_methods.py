@@ -204,12 +204,29 @@ def test_iad2_authors_code_and_warm_up():
     assert mean_alpha(ctx) == 1.0 and count.n["student"] == 1
 
 
-def test_iad2_paper_literal():
-    """Eq. 3 on AKD²: introspection weight gamma = 1 - alpha_i, softened by tau like the other terms."""
-    losses, *_ = outer("iad2", epoch=40.0, gamma=1.0, tau=2.0, tau_self=2.0)
+def test_iad2_authors_code_scales_introspection_like_the_teacher_term():
+    """ZFancy/IAD IAD-II.py line 190 at temp 2, alpha1 (our lambda2) 0.3: lambda2 * tau^2 * [mean_i alpha_i *
+    KL(T_at^tau(x~)||S^tau(x~)) + mean_i (1 - alpha_i) * KL(S(x)||S(x~))], the introspection of plain softmaxes."""
+    losses, *_ = outer("iad2", epoch=40.0, tau=2.0, lambda2=0.3)
+    check(losses, {"ce": 0.25 * ce_rows(SA, Y).mean(), "kl_at": 0.3 * 4 * (ALPHA * kl_rows(TA, SA, 2)).mean(),
+                   "kl_st": 0.25 * 4 * kl_rows(TNA, SA, 2).mean(),
+                   "introspection": 0.3 * 4 * ((1 - ALPHA) * kl_rows(S, SA)).mean()})
+
+
+def test_iad2_paper_readings_and_the_previous_setting():
+    # Algorithm 1's IAD-II line read as IAD-I's: the term in the lambda2 * tau^2 bracket, softened by tau
+    losses, *_ = outer("iad2", epoch=40.0, tau=2.0, tau_self=2.0)
+    assert float(losses["introspection"].detach()) == pytest.approx(0.5 * 4 * ((1 - ALPHA) * kl_rows(S, SA, 2)).mean(), rel=1e-3)
+    # Eq. 3 literally (a term of its own): gamma * (1 - alpha_i) * KL(S(x)||S(x~)), whatever lambda2 and tau are
+    losses, *_ = outer("iad2", epoch=40.0, tau=2.0, lambda2=0.3, intro_scale="own")
+    assert float(losses["introspection"].detach()) == pytest.approx(((1 - ALPHA) * kl_rows(S, SA)).mean(), rel=1e-3)
+    # gamma * tau_s^2 * KL^tau_s: what this module computed before intro_scale (then the default gamma = 0.5)
+    losses, *_ = outer("iad2", epoch=40.0, tau=2.0, tau_self=2.0, intro_scale="own")
     check(losses, {"ce": 0.25 * ce_rows(SA, Y).mean(), "kl_at": 0.5 * 4 * (ALPHA * kl_rows(TA, SA, 2)).mean(),
                    "kl_st": 0.25 * 4 * kl_rows(TNA, SA, 2).mean(),
-                   "introspection": 4 * ((1 - ALPHA) * kl_rows(S, SA, 2)).mean()})
+                   "introspection": 4 * ((1 - ALPHA) * kl_rows(S, SA, 2)).mean()}, rel=1e-3)
+    losses, *_ = outer("iad2", epoch=40.0, tau=2.0, gamma=0.5, intro_scale="own")
+    assert float(losses["introspection"].detach()) == pytest.approx(0.5 * ((1 - ALPHA) * kl_rows(S, SA)).mean(), rel=1e-3)
 
 
 def test_adaad_authors_code_and_clean_term():
@@ -219,6 +236,21 @@ def test_adaad_authors_code_and_clean_term():
     losses, _, count, _ = outer("adaad", alpha=0.7, kl_reduction="batchmean")
     check(losses, {"kl_adv": 0.7 * kl_rows(TA, SA).mean(), "kl_clean": 0.3 * kl_rows(T, S).mean()})
     assert count.n == {"student": 2, "teacher": 2}
+
+
+def test_adaad_eq_11_softens_only_the_adversarial_term():
+    """(1 - alpha) * KL(T(x)||S(x)) + alpha * KL(T^tau(x*)||S^tau(x*)): no tau on the clean term, no tau^2
+    (tau_squared=false, AdaAD's default); tau_squared=true puts tau^2 on the adversarial term only."""
+    losses, *_ = outer("adaad", alpha=0.7, tau=2.0)
+    check(losses, {"kl_adv": 0.7 * kl_rows(TA, SA, 2).mean() / C, "kl_clean": 0.3 * kl_rows(T, S).mean() / C})
+    losses, *_ = outer("adaad", alpha=0.7, tau=2.0, tau_squared=True)
+    check(losses, {"kl_adv": 0.7 * 4 * kl_rows(TA, SA, 2).mean() / C, "kl_clean": 0.3 * kl_rows(T, S).mean() / C})
+
+
+def test_adaiad_with_a_clean_term_keeps_it_at_temperature_one():
+    losses, *_ = outer("adaiad", epoch=60.0, alpha=0.7)
+    check(losses, {"kl_adv": 0.7 * 900 * kl_rows(TA, SA, 30).mean(), "kl_clean": 0.3 * kl_rows(T, S).mean(),
+                   "introspection": ((1 - ALPHA) * kl_rows(S, SA)).mean()}, rel=1e-3)
 
 
 def test_adaiad_authors_code():
@@ -360,12 +392,12 @@ def test_validate_config(name):
     ("iad1", "cifar10", dict(warmup=60, beta=0.1, tau_self=1.0, weight_decay=2e-4)),
     ("iad1", "cifar100", dict(warmup=80)),
     ("iad1", "tinyimagenet", dict(warmup=10, weight_decay=5e-4, epochs=100)),
-    ("iad2", "cifar10", dict(warmup=40, gamma=0.5)),
+    ("iad2", "cifar10", dict(warmup=40, gamma=1.0, tau_self=1.0, intro_scale="teacher")),
     ("iad2", "cifar100", dict(warmup=80)),
     ("adaad", "cifar10", dict(weight_decay=5e-4, kl_reduction="mean", alpha=1.0, radius=1.0, bn_mode="eval",
-                              random_start="normal")),
+                              random_start="normal", tau_squared=False)),
     ("adaad", "cifar100", dict(kl_reduction="batchmean")),
-    ("adaiad", "cifar10", dict(tau=30.0, warmup=60, kl_reduction="batchmean", epochs=200)),
+    ("adaiad", "cifar10", dict(tau=30.0, tau_squared=True, warmup=60, kl_reduction="batchmean", epochs=200)),
 ])
 def test_paper_presets(tmp_path, name, dataset, expected):
     from raydistill.train import parser

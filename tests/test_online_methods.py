@@ -130,20 +130,43 @@ def test_peeraid_authors_code_defaults():
 
 
 def test_peeraid_paper_literal_and_other_weights():
+    """Eq. 3-4 with tau_p = tau, batchmean, the student's soft label the peer's constant target; S(x) in the
+    lambda3 term stays trained (Eq. 4 makes only the peer's soft label constant)."""
     losses, *_ = peeraid_outer(kl_reduction="batchmean", tau=2.0, tau_p=2.0, gamma1=0.5, gamma2=3.0,
-                               lambda1=0.2, lambda2=0.7, lambda3=0.4, detach_student_in_peer_kl=True,
-                               detach_clean_in_self_kl=True)
+                               lambda1=0.2, lambda2=0.7, lambda3=0.4, detach_student_in_peer_kl=True)
     check(losses, {"peer_ce": 0.5 * ce_rows(PA, Y).mean(),
                    "peer_kl": 3.0 * 4 * kl_rows(SA, PA, 2).mean(),
                    "student_ce": 0.2 * ce_rows(SA, Y).mean(),
                    "student_kl": 0.7 * 4 * kl_rows(PA, SA, 2).mean(),
                    "student_self_kl": 0.4 * 4 * kl_rows(S, SA, 2).mean()}, rel=1e-3)
+    assert not get_method("peeraid").hparams["detach_clean_in_self_kl"]  # the default: paper and code alike
+
+
+@pytest.mark.parametrize("setting", [{}, {"detach_student_in_peer_kl": True, "kl_reduction": "batchmean"}],
+                         ids=["authors-code", "paper-literal"])
+def test_peeraid_self_kl_trains_the_clean_prediction(setting):
+    """The lambda3 term's gradient reaches S(x) with the value its equation gives: for
+    L = lambda3 * tau^2 * red_i KL(p_i || q_i), p = softmax(S(x)/tau), q = softmax(S(x*)/tau),
+    dL/dS(x)_ic = lambda3 * tau^2 * w * p_ic * (log p_ic - log q_ic - KL_i) / tau (w = 1/B, or 1/(B*C) for mean),
+    and through the linear student dL/dx_i = W^T dL/dS(x)_i."""
+    x = tensor(X, requires_grad=True)
+    losses, _, nets = peeraid_outer(x=x, **setting)
+    (gx,) = torch.autograd.grad(losses["student_self_kl"], x)
+    tau, lam3 = 5.0, 1.0
+    w = 1 / len(X) / (C if setting.get("kl_reduction", "mean") == "mean" else 1)
+    p, q = softmax(S, tau), softmax(SA, tau)
+    kl_i = (p * (np.log(p) - np.log(q))).sum(axis=1, keepdims=True)
+    d_logits = lam3 * tau ** 2 * w * p * (np.log(p) - np.log(q) - kl_i) / tau
+    expected = d_logits @ np.array(W["student"])
+    assert np.allclose(gx.reshape(2, 4).numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert np.abs(expected).max() > 1e-3  # a gradient the check can see
 
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_peeraid_detach_switches(detach):
-    """The peer's KL trains the student too (code) unless detached; S(x) likewise in the lambda3 term;
-    the peer's soft label is always a constant in the student's terms."""
+    """The peer's KL trains the student too (code) unless detached (Eq. 3 read as the peer's own loss);
+    detach_clean_in_self_kl=true (an ablation: neither paper nor code) makes S(x) a constant in the lambda3
+    term; the peer's soft label is always a constant in the student's terms."""
     x = tensor(X, requires_grad=True)
     losses, _, nets = peeraid_outer(x=x, detach_student_in_peer_kl=detach, detach_clean_in_self_kl=detach)
     student, peer = list(nets._module("student").parameters()), list(nets._module("peer").parameters())

@@ -39,4 +39,10 @@ def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-__all__ = ["METHODS", "get_method", "Method", "NetSpec", "Nets", "HP", "StepContext"]
+def selected_by(name: str) -> str:
+    """The validation metric that picks method ``name``'s best checkpoint (its ``selection``):
+    val/pgd10_acc, or val/clean_acc for natural training."""
+    return f"val/{get_method(name).selection}_acc"
+
+
+__all__ = ["METHODS", "get_method", "selected_by", "Method", "NetSpec", "Nets", "HP", "StepContext"]

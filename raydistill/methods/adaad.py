@@ -1,13 +1,23 @@
 """AdaAD, Adaptive Adversarial Distillation (Huang et al., CVPR 2023), and AdaIAD = AdaAD + IAD.
 
-    x* = argmax_{||x~ - x|| <= r * eps} KL(T(x~) || S(x~))                                   (Eq. 9)
-    min alpha * tau^2 * KL(T^tau(x*) || S^tau(x*)) + (1 - alpha) * tau^2 * KL(T^tau(x) || S^tau(x))  (Eq. 11)
+    x* = argmax_{||x~ - x|| <= r * eps} KL(T(x~) || S(x~))                                  (Eq. 9)
+    min (1 - alpha) * KL(T(x) || S(x)) + alpha * KL(T^tau(x*) || S^tau(x*))                  (Eq. 11)
 
 The inner maximisation back-propagates through BOTH networks: the match point moves with the
 teacher's prediction instead of away from a fixed target. T(x) is evaluated only when
-1 - alpha != 0. Eq. 11 has no tau^2; it is only ever used with tau = 1, where the two agree.
-Defaults are the authors' code: alpha = 1, tau = 1, attack with the student in eval() mode from
-x + 0.001 * N(0, 1), KL averaged over batch x classes on CIFAR-10 and summed over classes /
+1 - alpha != 0. Eq. 11 softens only the adversarial term by tau and has no tau^2; the clean term
+is always at temperature 1 with no tau^2, as in Eq. 11 and in the code. ``tau_squared`` says
+whether the adversarial term is multiplied by tau^2:
+
+* AdaAD, ``tau_squared=false`` (default): Eq. 11. The authors' code (boyellow/AdaAD, main.py lines
+  326-353) has no temperature at all: alpha * KL(T(x*) || S(x*)) + (1 - alpha) * KL(T(x) || S(x)),
+  which is Eq. 11 at its default tau = 1 (where tau_squared changes nothing).
+* AdaIAD, ``tau_squared=true`` (default): its code (main.py lines 355-381, ``AdaAD_with_IAD1``)
+  scales the teacher term by temp^2 (temp = 30) and has no clean term (AdaIAD's alpha defaults to
+  1; alpha < 1 adds Eq. 11's clean term, at temperature 1).
+
+Other defaults are the authors' code: alpha = 1, tau = 1, attack with the student in eval() mode
+from x + 0.001 * N(0, 1), KL averaged over batch x classes on CIFAR-10 and summed over classes /
 averaged over the batch on CIFAR-100, 200 epochs with decays at 100 and 150, weight decay 5e-4.
 
 Search radius: ``radius`` multiplies the training attack's eps and step size, while validation
@@ -16,8 +26,8 @@ large-radius runs (Sec. 4.2) and the code's default are ``--set radius=2`` (16/2
 ``--set radius=4`` reaches the paper's 32/255.
 
 AdaIAD adds IAD's introspection (see iad.py) from epoch ``warmup`` = 60, with alpha_i from the
-teacher's prediction at x*: its code uses tau = 30 on the teacher term (introspection at tau 1)
-and sums the KL over classes on both datasets.
+teacher's prediction at x*: its code uses tau = 30 and tau^2 on the teacher term (introspection at
+tau 1 with no tau^2: ``tau_self=1``) and sums the KL over classes on both datasets.
 """
 from __future__ import annotations
 
@@ -36,7 +46,8 @@ CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 5e-4}
 class AdaAD(OfflineMethod):
     name = "adaad"
     introspective: ClassVar[bool] = False  # AdaIAD
-    hparams = {"alpha": 1.0, "tau": 1.0, "radius": 1.0, "kl_reduction": "mean",
+    # tau_squared: the adversarial term times tau^2 (false: Eq. 11; the module docstring says what each reproduces)
+    hparams = {"alpha": 1.0, "tau": 1.0, "tau_squared": False, "radius": 1.0, "kl_reduction": "mean",
                **attack_hparams(bn_mode="eval", random_start="normal")}
     ranges = {"alpha": FRACTION, "tau": POSITIVE, "radius": POSITIVE}  # alpha: Eq. 11's convex combination
     presets = {"cifar10": CIFAR, "cifar100": {**CIFAR, "hp": {"kl_reduction": "batchmean"}}}
@@ -51,12 +62,13 @@ class AdaAD(OfflineMethod):
     def outer_min(self, nets, x, y, adv, ctx):
         hp, x_adv = ctx.hp, adv["x_adv"]
         s_adv, t_adv = nets.student(x_adv), self.frozen(nets, "teacher", x_adv)
-        losses = {"kl_adv": hp.alpha * hp.tau ** 2 * kl(t_adv, s_adv, hp.tau, hp.kl_reduction)}
+        scale = hp.tau ** 2 if hp.tau_squared else 1.0
+        losses = {"kl_adv": hp.alpha * scale * kl(t_adv, s_adv, hp.tau, hp.kl_reduction)}
         introspect = self.introspective and not warming_up(ctx)
         s_clean = nets.student(x) if hp.alpha != 1 or introspect else None
         if hp.alpha != 1:
             t_clean = self.frozen(nets, "teacher", x)
-            losses["kl_clean"] = (1 - hp.alpha) * hp.tau ** 2 * kl(t_clean, s_clean, hp.tau, hp.kl_reduction)
+            losses["kl_clean"] = (1 - hp.alpha) * kl(t_clean, s_clean, 1.0, hp.kl_reduction)  # Eq. 11: no tau
         if self.introspective:
             alpha = reliability(ctx, y, t_adv)  # from T(x*), already at hand
             if introspect:
@@ -67,6 +79,7 @@ class AdaAD(OfflineMethod):
 class AdaIAD(AdaAD):
     name = "adaiad"
     introspective = True
-    hparams = {**AdaAD.hparams, "tau": 30.0, "kl_reduction": "batchmean", "warmup": 60, **INTROSPECTION}
+    hparams = {**AdaAD.hparams, "tau": 30.0, "tau_squared": True, "kl_reduction": "batchmean", "warmup": 60,
+               **INTROSPECTION}
     ranges = {**AdaAD.ranges, **INTROSPECTION_RANGES}
     presets = {"cifar10": CIFAR, "cifar100": CIFAR}

@@ -7,6 +7,8 @@ A method is one small class:
   ``kl_reduction`` ones are declared once here, SHARED_CHOICES) and the valid range of every
   numeric one (raydistill.hparams); any float may be given a schedule (``linear(...)``, ``step(...)``);
 * ``presets``: per dataset, the paper's (or authors' code's) published setting;
+* ``selection``: the validation accuracy that picks the best checkpoint, "pgd10" (every paper's
+  protocol, the default) or "clean" (natural training);
 * ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
 * ``inner_max()``: how it makes its adversarial inputs this step;
 * ``outer_min()``: its named loss terms (summed by the loop into one backward pass);
@@ -42,6 +44,10 @@ from ..schedules import Schedule, value_at
 # ball or x + 0.001·N(0, 1); and in the KL's reduction, sum over classes / B or mean over B·C.
 SHARED_CHOICES: dict[str, tuple] = {"bn_mode": ("eval", "train"), "random_start": ("uniform", "normal"),
                                     "kl_reduction": REDUCTIONS}
+
+
+# what Method.selection may name: the validation accuracies the loop measures every epoch
+SELECTIONS = ("pgd10", "clean")
 
 
 def attack_hparams(bn_mode: str, random_start: str | None = None) -> dict[str, str]:
@@ -140,9 +146,13 @@ class Method:
     presets: ClassVar[dict[str, dict]] = {}
     # training settings the method always starts from, on every dataset (below its presets and flags)
     settings: ClassVar[dict[str, Any]] = {}
+    # the validation accuracy ("pgd10" or "clean", SELECTIONS) by which the loop keeps the best checkpoint
+    selection: ClassVar[str] = "pgd10"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.selection not in SELECTIONS:
+            raise TypeError(f"{cls.__name__}.selection is {cls.selection!r}; choose from {SELECTIONS}")
         cls.choices = {**{k: v for k, v in SHARED_CHOICES.items() if k in cls.hparams}, **cls.choices}
 
     def __init__(self, cfg):

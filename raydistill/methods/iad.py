@@ -8,20 +8,32 @@ adversarial example x~_i,
 (alpha_i = 1 during the first ``warmup`` epochs, recorded per epoch as train/alpha) hands the
 weight 1 - alpha_i to the student's own clean prediction, the introspection term
 
-    intro = gamma * tau_s^2 * mean_i (1 - alpha_i) * KL(S^tau_s(x_i) || S^tau_s(x~_i))   (Eq. 3)
+    intro = scale * gamma * mean_i (1 - alpha_i) * KL(S^tau_s(x_i) || S^tau_s(x~_i))      (Eq. 3)
 
 IAD-I (on ARD):   lambda * CE(S(x), y) + (1 - lambda) * [tau^2 * KL(T^tau(x) || S^tau(x~)) + intro]
+                  with scale = tau_s^2 inside the (1 - lambda) bracket
 IAD-II (on AKD²): lambda1 * CE(S(x~), y) + lambda2 * tau^2 * mean_i alpha_i * KL(T_at^tau(x~_i) || S^tau(x~_i))
                   + lambda3 * tau^2 * KL(T_st^tau(x~) || S^tau(x~)) + intro
+                  with scale = lambda2 * tau^2 (``intro_scale=teacher``) or tau_s^2 (``intro_scale=own``)
 with x~ = argmax CE(S(x~), y) (student in train() mode, uniform start) and the KL summed over
 classes, averaged over the batch.
 
-Where the authors' code (the defaults, which produced the published tables) differs from the paper:
-- introspection temperature: Algorithm 1 softens it with tau and scales it by tau^2
-  (``tau_self=tau``); the code uses plain softmaxes (``tau_self=1``), as Appendix A.4 says;
-- IAD-II introspection weight: Eq. 3 has gamma = 1 - alpha_i (``gamma=1``); the code also
-  multiplies it by lambda2 (``gamma=0.5``);
-- S(x) in the introspection term keeps its gradient (``detach_clean=true`` makes it a fixed target);
+What each setting reproduces (ZFancy/IAD: IAD-I.py line 179, IAD-II.py line 190; the defaults are
+the authors' code, which produced the published tables):
+- IAD-I, ``tau_self=1`` (default): the code, (1 - lambda) * (1 - alpha_i) * KL of plain softmaxes,
+  no tau^2 whatever ``tau`` is (Appendix A.4: "we keep tau = 1 for the student introspection
+  term"); ``tau_self=tau``: Algorithm 1, the term softened by tau inside the (1 - lambda) * tau^2
+  bracket it shares with the teacher term.
+- IAD-II, ``intro_scale=teacher, gamma=1, tau_self=1`` (default): the code, which puts the term in
+  the teacher term's bracket, lambda2 * tau^2 * [alpha_i * KL_at^tau + (1 - alpha_i) * KL of plain
+  softmaxes]: the same weight and tau^2 as the teacher term; ``tau_self=tau`` with it: Algorithm 1's
+  IAD-II line read as IAD-I's (the term in the lambda2 * tau^2 bracket, softened by tau).
+  ``intro_scale=own``: a term of its own, gamma * tau_s^2 * (1 - alpha_i) * KL^tau_s; with
+  ``tau_self=1`` that is Eq. 3 literally, gamma * KL (METHODS.md's reading of Algorithm 1, the
+  gamma term outside the brackets); with ``gamma=0.5, tau_self=1`` it is this module's IAD-II before
+  ``intro_scale`` existed, equal to the code only at lambda2 = 0.5 and tau = 1.
+- S(x) in the introspection term keeps its gradient in both codes (``detach_clean=true`` makes it
+  a fixed target: neither paper nor code);
 - learning rate: the code's second decay never happens (see ard.py); the presets use [100, 150].
 IAD-I's teacher term is not weighted by alpha_i (footnote 1; code alike). Warm-up: IAD-I 60/80
 epochs on CIFAR-10/100, IAD-II 40/80, TinyImageNet 10 (shorten it with --set warmup=N for short runs).
@@ -45,6 +57,8 @@ CIFAR = {"epochs": 200, "lr_milestones": [100, 150], "weight_decay": 2e-4}  # in
 TINY = {"epochs": 100, "lr_milestones": [50, 80], "weight_decay": 5e-4}
 ATTACK = attack_hparams(bn_mode="train", random_start="uniform")
 CHOICES = {"teacher_input": ("clean", "adv")}
+# IAD-II's introspection: scaled by lambda2 * tau^2 like the teacher term (the code) or by tau_s^2 alone
+INTRO_SCALES = ("teacher", "own")
 
 
 def warming_up(ctx) -> bool:
@@ -61,11 +75,13 @@ def reliability(ctx, y: torch.Tensor, t_adv: torch.Tensor | None) -> torch.Tenso
     return alpha
 
 
-def introspection(s_clean: torch.Tensor, s_adv: torch.Tensor, alpha: torch.Tensor, ctx) -> torch.Tensor:
-    """gamma * tau_s^2 * mean_i (1 - alpha_i) * KL(S^tau_s(x_i) || S^tau_s(x~_i))."""
+def introspection(s_clean: torch.Tensor, s_adv: torch.Tensor, alpha: torch.Tensor, ctx,
+                  scale: float | None = None) -> torch.Tensor:
+    """scale * gamma * mean_i (1 - alpha_i) * KL(S^tau_s(x_i) || S^tau_s(x~_i)); ``scale`` defaults to tau_s^2."""
     hp = ctx.hp
     target = s_clean.detach() if hp.detach_clean else s_clean
-    return hp.gamma * hp.tau_self ** 2 * kl(target, s_adv, hp.tau_self, hp.kl_reduction, weight=1 - alpha)
+    scale = hp.tau_self ** 2 if scale is None else scale
+    return scale * hp.gamma * kl(target, s_adv, hp.tau_self, hp.kl_reduction, weight=1 - alpha)
 
 
 class IAD1(OfflineMethod):
@@ -105,10 +121,11 @@ class IAD1(OfflineMethod):
 class IAD2(OfflineMethod):
     name = "iad2"
     uses_natural_teacher = True
+    # the introspection's weight: intro_scale=teacher, gamma=1, tau_self=1 is IAD-II.py line 190,
+    # lambda2 * tau^2 * (1 - alpha_i) * KL of plain softmaxes (the module docstring says what else reproduces what)
     hparams = {"lambda1": 0.25, "lambda2": 0.5, "lambda3": 0.25, "tau": 1.0, "warmup": 40,
-               **INTROSPECTION, "gamma": 0.5,  # the code's lambda2 * (1 - alpha_i); Eq. 3: gamma = 1
-               "kl_reduction": "batchmean", **ATTACK, "teacher_input": "adv"}
-    choices = CHOICES
+               **INTROSPECTION, "intro_scale": "teacher", "kl_reduction": "batchmean", **ATTACK, "teacher_input": "adv"}
+    choices = {**CHOICES, "intro_scale": INTRO_SCALES}
     ranges = {"lambda1": WEIGHT, "lambda2": WEIGHT, "lambda3": WEIGHT, "tau": POSITIVE, **INTROSPECTION_RANGES}
     presets = {
         "cifar10": {**CIFAR, "hp": {"warmup": 40}},
@@ -132,5 +149,6 @@ class IAD2(OfflineMethod):
                   "kl_at": hp.lambda2 * t2 * kl(t_at, s_adv, hp.tau, hp.kl_reduction, weight=alpha),
                   "kl_st": hp.lambda3 * t2 * kl(self.frozen(nets, "teacher_nat", x_t), s_adv, hp.tau, hp.kl_reduction)}
         if not warm:
-            losses["introspection"] = introspection(nets.student(x), s_adv, alpha, ctx)
+            scale = hp.lambda2 * t2 if hp.intro_scale == "teacher" else None
+            losses["introspection"] = introspection(nets.student(x), s_adv, alpha, ctx, scale)
         return losses

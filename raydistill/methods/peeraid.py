@@ -8,20 +8,31 @@
 The peer is trained on the STUDENT's adversarial examples x*. In the attack, P(x) comes from the
 peer in eval() without a graph and the student runs in ``bn_mode`` (eval) from x + 0.001·N(0, 1).
 Each network runs once per input: S(x*), S(x) and P(x*) (the authors' code evaluates S three
-times); P(x*) is detached in the student's terms (the peer's soft label is a constant target).
+times). P(x*) is detached in the student's terms: "the soft label provided by the peer model is
+treated as the constant soft target in the loss of the student model" (Sec. 3, before Eq. 4), the
+only target the paper makes constant. The λ3 term is TRADES' regulariser and trains through both
+of its sides, S(x) and S(x*), in the paper and in the authors' code alike (main.py line 387:
+``logit_nat = student_net(inputs)``, never detached, is the λ3 term's target at lines 396-397).
 
-Defaults are the authors' code (CIFAR-10 values), which differs from the paper's equations in:
+Defaults are the authors' code (jaewonalive/PeerAiD, main.py, CIFAR-10 values), which differs from
+the paper's equations in:
 
-====================================  ==================  =====================================
-hyperparameter                        authors' code        paper-literal Eq. 3-4
-====================================  ==================  =====================================
-``kl_reduction``                      mean (over B·C)      batchmean (sum over classes / B)
-``tau_p`` (τ of the peer's KL)        1                    = ``tau`` (Eq. 3 uses the same τ)
-``detach_student_in_peer_kl``         false: the γ2 term   true: S^τp(x*) is the peer's
-                                      also trains S        constant target
-``detach_clean_in_self_kl``           false: S(x) in the   true: S(x) is a constant target
-                                      λ3 term is trained
-====================================  ==================  =====================================
+====================================  =====================  ==================================
+hyperparameter                        authors' code          paper-literal Eq. 3-5
+====================================  =====================  ==================================
+``kl_reduction``                      mean (over B·C)        batchmean (sum over classes / B)
+``tau_p`` (τ of the peer's KL)        1                      = ``tau`` (Eq. 3 uses the same τ)
+``detach_student_in_peer_kl``         false: the γ2 term     true: Eq. 3 read as the peer's loss
+                                      also trains S          alone, S^τp(x*) its constant target
+                                      (main.py lines 361,    (METHODS.md's reading; the paper
+                                      363: not detached)     says so only of the peer's label in
+                                                             Eq. 4, so false also fits Eq. 5)
+``detach_clean_in_self_kl``           false: S(x) trained    false: S(x) trained (Eq. 4 makes
+                                                             only P's soft label constant)
+====================================  =====================  ==================================
+
+``detach_clean_in_self_kl=true`` (S(x) a constant target in the λ3 term) reproduces neither: it is
+an ablation, kept for comparisons.
 
 Diagnostics each epoch (the paper's Fig. 1, 3 and Table 2), with the run's eps / step / steps,
 PGD on CE from a uniform start, networks in eval(): ``peer_acc_on_student_adv``, the peer's

@@ -21,8 +21,12 @@ def flat_params(cfg) -> dict[str, str]:
 
 
 def run_tags(cfg) -> dict[str, str]:
-    """What the report groups runs by (method, arch, dataset) and tells them apart by (seed)."""
-    return {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student, "seed": str(cfg.seed)}
+    """What the report groups runs by (method, arch, dataset) and tells them apart by (seed), and the
+    validation metric that picks the best checkpoint (selected_by: val/pgd10_acc, natural val/clean_acc)."""
+    from ..methods import selected_by
+
+    return {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student, "seed": str(cfg.seed),
+            "selected_by": selected_by(cfg.method)}
 
 
 def start_run(cfg, parent_run_id: str | None = None) -> str:
