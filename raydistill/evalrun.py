@@ -97,12 +97,12 @@ class ResultStore:
                     out.add((attack, int(name[len("chunk-"):-len(".parquet")])))
         return out
 
-    def write(self, attack: str, chunk: int, columns: dict[str, np.ndarray], seconds: float) -> None:
+    def write(self, attack: str, chunk: int, columns: dict[str, np.ndarray], seconds: float, worker: str) -> None:
         import pyarrow as pa
 
         lo, hi = chunks_of(self.spec.n_examples, self.spec.batch_size)[chunk]
-        table = pa.table({"index": np.arange(lo, hi, dtype=np.int64), **columns,
-                          "launch": [self.launch] * (hi - lo), "seconds": np.full(hi - lo, seconds / (hi - lo))})
+        table = pa.table({"index": np.arange(lo, hi, dtype=np.int64), **columns, "launch": [self.launch] * (hi - lo),
+                          "worker": [worker] * (hi - lo), "seconds": np.full(hi - lo, seconds / (hi - lo))})
         _write_table(self.unit_uri(attack, chunk), table)
 
     def read(self, attacks: list[str]):
@@ -168,8 +168,9 @@ class _Shard:
         self.x, self.y, self.device = images, labels, device
         self.settings = dict(eps=eps, step_size=step_size)
         self.seed, self.ranges = seed, chunks_of(len(labels), batch_size)
+        self.worker = f"{_node_id()}/{os.getpid()}"
 
-    def run(self, attack: str, chunk: int) -> tuple[dict[str, np.ndarray], float]:
+    def run(self, attack: str, chunk: int) -> tuple[dict[str, np.ndarray], float, str]:
         from .data import to_float
         from .evaluation import attack_chunk
 
@@ -177,7 +178,16 @@ class _Shard:
         lo, hi = self.ranges[chunk]
         x, y = to_float(self.x[lo:hi].to(self.device)), self.y[lo:hi].to(self.device)
         cols = attack_chunk(self.model, x, y, attack, seed=self.seed + chunk, **self.settings)
-        return _numpy(cols), time.perf_counter() - start
+        return _numpy(cols), time.perf_counter() - start, self.worker
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on (its first 8 hex digits), or "local" outside Ray."""
+    ray = sys.modules.get("ray")  # never imported here: an in-process evaluation runs where Ray is absent
+    if ray is not None:
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()[:8]
+    return "local"
 
 
 class Progress:
@@ -227,8 +237,8 @@ def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: to
         ran = 0
         while todo:
             attack, chunk = todo.popleft()
-            cols, seconds = shard.run(attack, chunk)
-            store.write(attack, chunk, cols, seconds)
+            cols, seconds, worker = shard.run(attack, chunk)
+            store.write(attack, chunk, cols, seconds, worker)
             ran += 1
             progress.unit_done(attack, "")
             if on_unit:
@@ -276,7 +286,7 @@ def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on
                 continue
             actor, attack, chunk = inflight.pop(ready[0])
             try:
-                cols, seconds = ray.get(ready[0])
+                cols, seconds, worker = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 replaced += 1  # a lost worker (its node died): the unit goes back to the queue, a new worker starts
                 if replaced > 2 * workers:
@@ -289,7 +299,7 @@ def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on
                 continue
             except ray.exceptions.RayTaskError as exc:
                 raise exc.as_instanceof_cause() from None
-            store.write(attack, chunk, cols, seconds)
+            store.write(attack, chunk, cols, seconds, worker)
             ran += 1
             progress.unit_done(attack, label)
             if on_unit:

@@ -92,3 +92,64 @@ def test_a_node_local_storage_path_is_refused_on_a_cluster_of_several_nodes(clus
         assert_one_error_line(proc, "shared storage", "s3://", "2 nodes")
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint_*"))
 
+
+
+def test_evaluation_sharded_over_both_nodes_equals_one_worker_and_resumes_after_a_kill(cluster, tmp_path):
+    """evaluate --workers 2 (one worker per node: 2 CPUs each on 2-CPU nodes) gives every image the same results
+    as --workers 1, AutoAttack included; its per-image results go to S3 as each batch finishes, so a driver killed
+    mid-way (SIGKILL: its Ray workers die with it) is continued by the same command, no batch attacked twice."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    ray, s3, work = cluster
+    ck = tmp_path / "ck"
+    proc = cli("train", "pgd_at", *QUICK, "--epochs", "4", "--workers", "0", "--tracking-uri", "none",
+               "--storage-path", str(ck), "--name", "m", "--summary-json", str(ck / "s.json"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = json.loads((ck / "s.json").read_text())["checkpoint"]
+    args = ["evaluate", ckpt, "--attacks", "clean,pgd20,aa", "--n-examples", "48", "--batch-size", "16",
+            "--storage-path", s3.uri("evals")]
+    fs = s3.filesystem()
+
+    def table(name: str, what: str = "per_image.parquet"):
+        return pq.read_table(f"raydistill/evals/evaluations/{name}/{what}", filesystem=fs)
+
+    def units(name: str):
+        import pyarrow as pa
+
+        return pa.concat_tables([table(name, f"units/{a}/{f}") for a in ("clean", "pgd20", "aa")
+                                 for f in s3.listdir("evals", "evaluations", name, "units", a)])
+
+    t0 = time.time()
+    one = cli(*args, "--workers", "1", "--name", "one", env=ray.env, timeout=900)
+    t1 = time.time()
+    two = cli(*args, "--workers", "2", "--name", "two", env=ray.env, timeout=900)
+    t2 = time.time()
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    print(f"sharded evaluation (clean, pgd20, aa on 48 images): 1 worker {t1 - t0:.1f}s, 2 workers {t2 - t1:.1f}s")
+    assert table("one").equals(table("two"))  # image by image, AutoAttack's component per image included
+    assert len({w.split("/")[0] for w in units("two").column("worker").to_pylist()}) == 2  # both nodes attacked
+
+    # killed once 3 of its 9 (attack, batch) units are stored, then relaunched
+    cmd = [sys.executable, "-m", "raydistill.evaluate", *args[1:], "--workers", "2", "--name", "cut"]
+    driver = subprocess.Popen(cmd, env={**ray.env}, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        stored = sum(len(s3.listdir("evals", "evaluations", "cut", "units", a)) for a in ("clean", "pgd20", "aa"))
+        if stored >= 3:
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the evaluation ended before it could be killed"
+    driver.kill()
+    driver.wait()
+    before = units("cut")
+    again = cli(*args, "--workers", "2", "--name", "cut", env=ray.env, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = len({(w, i) for w, i in zip(before.column("launch").to_pylist(), before.column("index").to_pylist())})
+    assert f"resuming {s3.uri('evals')}/evaluations/cut: " in again.stderr and " of 9 (attack, batch) units already done" in again.stderr
+    after = units("cut")
+    assert sorted(after.column("index").to_pylist()) == sorted(list(range(48)) * 3)  # each image once per attack
+    assert len(set(after.column("launch").to_pylist())) == 2 and done >= 3 * 16
+    assert table("cut").equals(table("two"))

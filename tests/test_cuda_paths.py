@@ -116,7 +116,7 @@ def test_a_tf32_run_trains_with_tf32_and_evaluates_without(tmp_path, monkeypatch
     from raydistill.engine import run_in_process
 
     seen = {"step": set(), "evaluate": set()}
-    step, evaluate = engine.Trainer.train_step, evaluation.evaluate
+    step, per_image = engine.Trainer.train_step, evaluation.per_image
 
     def recording_step(self, *a, **kw):
         seen["step"].add(fastpath.tf32_flags())
@@ -124,10 +124,10 @@ def test_a_tf32_run_trains_with_tf32_and_evaluates_without(tmp_path, monkeypatch
 
     def recording_evaluate(*a, **kw):
         seen["evaluate"].add(fastpath.tf32_flags())
-        return evaluate(*a, **kw)
+        return per_image(*a, **kw)
 
     monkeypatch.setattr(engine.Trainer, "train_step", recording_step)
-    monkeypatch.setattr(evaluation, "evaluate", recording_evaluate)
+    monkeypatch.setattr(evaluation, "per_image", recording_evaluate)  # what validation and the test attacks call
     figures = {}
     for precision in ("tf32", "fp32"):
         cfg = config(tmp_path / precision, precision=precision, batch_size=256)

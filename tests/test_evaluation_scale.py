@@ -6,9 +6,6 @@ tests/test_cluster_storage.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, assert_one_error_line, cli
+from conftest import assert_one_error_line, cli
 from raydistill import attacks as A
-from raydistill import evalrun, sanity
+from raydistill import sanity
 from raydistill.errors import UsageError
 from raydistill.evaluate import run_evaluation
 from raydistill.evaluation import evaluate, per_image

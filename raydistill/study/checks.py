@@ -197,7 +197,11 @@ def read_yaml(path: Path, label: str) -> dict:
     if path.is_dir():
         raise UsageError(f"{label}: is a folder; accepted: a YAML study file")
     try:
-        doc = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        loader = _Loader(path.read_text())  # a SafeLoader that refuses duplicate keys
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{label}: cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
