@@ -201,8 +201,9 @@ def test_sanity_flags_a_saturated_model_and_passes_pgd_at(pgd_at, tmp_path):
     print("saturated:", m["metrics"], m["worst_acc"], m["sanity"], warnings)
     assert masked.returncode == 1 and {"unbounded_pgd", "zero_gradients"} <= set(m["masking_flags"])
     assert len(warnings) == len(m["masking_flags"]) and "FAILED" in masked.stdout
-    # what the flags protect against: PGD-20 sees the saturated model as robust as the clean accuracy
-    assert m["metrics"]["pgd20_acc"] == m["metrics"]["clean_acc"] > m["worst_acc"] + 0.1
+    # what the flags protect against: PGD-20 (moved only by its random start) sees the saturated model about as
+    # accurate as clean, far above what AutoAttack's scale-free DLR loss finds
+    assert m["metrics"]["pgd20_acc"] >= m["metrics"]["clean_acc"] - 0.07 and m["metrics"]["pgd20_acc"] > m["worst_acc"] + 0.2
 
 
 @pytest.mark.slow
