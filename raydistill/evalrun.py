@@ -250,7 +250,7 @@ def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: to
 def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on_unit) -> int:
     import ray
 
-    from .train import init_ray
+    from .train import cpus_each, init_ray
 
     init_ray()
     resources = ray.cluster_resources()
@@ -261,10 +261,10 @@ def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on
                          f"the cluster has {gpus:g}")
     if workers > cpus:
         raise UsageError(f"--workers {workers}: the cluster has {cpus} CPUs, one per worker at least; give --workers <= {cpus}")
-    cpus_each = max(1, cpus // workers) if gpus_each == 0 else 1
+    cpus = cpus_each(workers) if gpus_each == 0 else 1  # whole CPUs, no more than one node has
     spec = store.spec
     refs = ray.put(model.cpu()), ray.put(x), ray.put(y)
-    actor_cls = ray.remote(_Shard).options(num_cpus=cpus_each, num_gpus=gpus_each)
+    actor_cls = ray.remote(_Shard).options(num_cpus=cpus, num_gpus=gpus_each)
     make = lambda: actor_cls.remote(*refs, spec.eps, spec.step_size, spec.seed, spec.batch_size)  # noqa: E731
     actors = [make() for _ in range(workers)]
     inflight: dict[Any, tuple[Any, str, int]] = {}

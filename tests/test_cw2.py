@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import natural_digits_model
 from raydistill.evaluation import ATTACKS, evaluate
 
 N = 32  # test images attacked: ~5 s for each implementation on one CPU thread (the batch aborts early at step 800)
@@ -27,23 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 def trained(one_thread):
     """(model, x, y): small_cnn trained naturally on digits (4 epochs of batch 64, about a second) and the
     first N test images."""
-    from raydistill.data import load_dataset, to_float
-    from raydistill.models import build_model
+    from raydistill.data import to_float
 
-    data = load_dataset("digits", val_size=0)
-    torch.manual_seed(0)
-    model = build_model("small_cnn", data.num_classes, data.in_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = to_float(data.train_x), data.train_y
-    for _ in range(4):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), to_float(data.test_x[:N]), data.test_y[:N]
+    model, data = natural_digits_model()
+    return model, to_float(data.test_x[:N]), data.test_y[:N]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import natural_digits_model
 from raydistill.checkpoint import save_model
 from raydistill.errors import UsageError
 from raydistill.evaluation import ATTACKS, Attack, evaluate, parse_attacks
@@ -31,23 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: see conftest
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """(model, dataset): small_cnn trained naturally on digits (4 epochs of batch 64, a few seconds)."""
-    from raydistill.data import load_dataset, to_float
-    from raydistill.models import build_model
-
-    data = load_dataset("digits", val_size=0)
-    torch.manual_seed(0)
-    model = build_model("small_cnn", data.num_classes, data.in_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = to_float(data.train_x), data.train_y
-    for _ in range(4):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), data
+    model, data = natural_digits_model()
+    return model, data
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
