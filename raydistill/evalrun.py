@@ -212,7 +212,7 @@ class Progress:
 
 
 def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], *,
-              workers: int = 0, gpus_per_worker: float | None = None, device: torch.device | None = None,
+              workers: int = 0, gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, device: torch.device | None = None,
               quiet: bool = False, on_unit: Callable[[str, int], None] | None = None) -> int:
     """Attack every unit of ``attacks`` not stored yet, storing each as it finishes; returns how many ran.
     ``workers`` 0: in this process on ``device``; N: N Ray workers (the cluster in RAY_ADDRESS, else a local
@@ -244,10 +244,10 @@ def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: to
             if on_unit:
                 on_unit(attack, chunk)
         return ran
-    return _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on_unit)
+    return _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, progress, on_unit)
 
 
-def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on_unit) -> int:
+def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, progress, on_unit) -> int:
     import ray
 
     from .train import cpus_each, init_ray
@@ -261,10 +261,11 @@ def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, progress, on
                          f"the cluster has {gpus:g}")
     if workers > cpus:
         raise UsageError(f"--workers {workers}: the cluster has {cpus} CPUs, one per worker at least; give --workers <= {cpus}")
-    cpus = cpus_each(workers) if gpus_each == 0 else 1  # whole CPUs, no more than one node has
+    # whole CPUs, no more than one node has; the workers spread over the nodes
+    cpus = cpus_per_worker or (cpus_each(workers) if gpus_each == 0 else 1)
     spec = store.spec
     refs = ray.put(model.cpu()), ray.put(x), ray.put(y)
-    actor_cls = ray.remote(_Shard).options(num_cpus=cpus, num_gpus=gpus_each)
+    actor_cls = ray.remote(_Shard).options(num_cpus=cpus, num_gpus=gpus_each, scheduling_strategy="SPREAD")
     make = lambda: actor_cls.remote(*refs, spec.eps, spec.step_size, spec.seed, spec.batch_size)  # noqa: E731
     actors = [make() for _ in range(workers)]
     inflight: dict[Any, tuple[Any, str, int]] = {}

@@ -51,6 +51,8 @@ def build_parser() -> ArgParser:
                    help="Ray workers that share the batches (the cluster in RAY_ADDRESS, else a local Ray instance); "
                         "0 = in this process, without Ray (default)")
     p.add_argument("--gpus-per-worker", type=nonneg_float, help="GPUs per Ray worker (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-worker", type=positive_int,
+                   help="CPUs (threads) per Ray worker (default: the cluster's CPUs shared by the workers, at most one node's)")
     p.add_argument("--sanity", action="store_true",
                    help="gradient-masking checks: also run PGD-10/50/100, PGD-100 at eps 1.0, AutoAttack and a zero-gradient "
                         "check; one warning: line per failed check and exit code 1")
@@ -182,7 +184,7 @@ def model_file(path: str) -> Path:
 
 def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[str], *, eps: float, step_size: float,
                    n_examples: int | None = None, batch_size: int = 256, seed: int = 0, workers: int = 0,
-                   gpus_per_worker: float | None = None, device: torch.device | None = None, sanity: bool = False,
+                   gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, device: torch.device | None = None, sanity: bool = False,
                    storage_path: str | None = None, name: str | None = None, dataset: str = "",
                    quiet: bool = False, on_unit=None) -> dict:
     """Evaluate ``model`` (loaded from ``checkpoint``) on ``data``'s test split: every attack's per-image
@@ -201,7 +203,7 @@ def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[
     store.open(checkpoint)
     try:
         evalrun.run_units(store, model, data.test_x, data.test_y, run, workers=workers, gpus_per_worker=gpus_per_worker,
-                          device=device, quiet=quiet, on_unit=on_unit)
+                          cpus_per_worker=cpus_per_worker, device=device, quiet=quiet, on_unit=on_unit)
     except KeyboardInterrupt:
         if not quiet:
             print(f"[evaluate] interrupted: the finished batches are kept in {folder}; run the same command again "
@@ -237,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers and args.device is not None:
         raise UsageError("--device chooses the device of an in-process evaluation; with --workers N each Ray worker "
                          "uses a GPU when it has one (--gpus-per-worker)")
-    if args.gpus_per_worker is not None and not args.workers:
-        raise UsageError("--gpus-per-worker needs --workers N (Ray workers)")
+    if (args.gpus_per_worker is not None or args.cpus_per_worker is not None) and not args.workers:
+        raise UsageError("--gpus-per-worker and --cpus-per-worker need --workers N (Ray workers)")
     if args.dataset is not None:
         DATASETS.get(args.dataset)
     if args.arch is not None:
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = str(path) if storage.is_remote(path) else os.path.abspath(path)
     summary = run_evaluation(checkpoint, model, data, attacks, eps=eps, step_size=step_size, n_examples=args.n_examples,
                              batch_size=args.batch_size, seed=args.seed, workers=args.workers,
-                             gpus_per_worker=args.gpus_per_worker, device=device, sanity=args.sanity,
+                             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, device=device, sanity=args.sanity,
                              storage_path=args.storage_path, name=args.name, dataset=dataset, quiet=args.quiet)
     summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"}}
     print(_table(summary))
