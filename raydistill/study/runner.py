@@ -18,6 +18,10 @@ from ..errors import UsageError
 from .plan import Plan
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's old output engine: verbose=0 prints no tables at all
+
+
+STUDY_FILE = "study.yaml"
 
 
 def run_study(plan: Plan, args: argparse.Namespace) -> int:
@@ -28,7 +32,7 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
     from .records import Study
 
     folder = study_dir(plan)
-    started = storage.exists(storage.join(folder, "records")) or storage.exists(storage.join(folder, "study.json"))
+    started = storage.exists(storage.join(folder, STUDY_FILE))
     if args.resume and not started:
         raise UsageError(f"--resume: no study named '{plan.name}' under {plan.root}; give the --name and "
                          "--storage-path of the interrupted study")
@@ -40,6 +44,8 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
     require_shared_storage(plan.root)
     if not storage.is_remote(folder):
         os.makedirs(folder, exist_ok=True)
+    if not started:  # the study's folder holds the file it was started with: a relaunch finds it
+        storage.upload(str(plan.spec.path), storage.join(folder, STUDY_FILE))
     study.parent = tracking.open_run(uri, experiment, plan.name, "study", tags=study.tags("study"),
                                      params={"dataset": plan.spec.dataset, "student": plan.spec.student,
                                              "methods": ",".join(m.name for m in plan.spec.methods),

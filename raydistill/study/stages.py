@@ -128,7 +128,7 @@ def run_evaluations(study, stage, finals: dict) -> dict[str, dict]:
                            quiet=True)
         wall = time.time() - t0
         seed = final["seed"]
-        tags = study.tags("evaluation", run.method, seed, final=True)
+        tags = study.tags("evaluation", run.method, seed)  # is_final=true: the final training runs only
         metrics = {f"test/{k}": v for k, v in s["metrics"].items()}
         metrics.update({f"test/aa_{c.replace('-', '_')}_acc": v for c, v in (s.get("aa_components") or {}).items()})
         eval_run = tracking.open_run(study.uri, study.experiment, f"{study.plan.name}/{run.key}", tracking.KIND_EVAL,

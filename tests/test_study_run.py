@@ -1,0 +1,135 @@
+"""A study end to end from the command line, killed in its search stage and relaunched: every trial, final run
+and evaluation exactly once in MLflow and the records, the summary JSON of CONTRACT.md, the report."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, error_lines
+
+pytestmark = pytest.mark.slow
+
+TINY = """\
+study: tiny
+dataset: digits
+student: small_cnn
+train: {preset: quickstart, workers: 1}
+methods: [natural, pgd_at]
+search:
+  budget: {trial_epochs: 3}    # 3 trials of 1 epoch: two at once, then a third
+  epochs: 1
+  scheduler: none
+  max_concurrent: 2
+final:
+  seeds: [0, 1]
+  schedule: {epochs: 1, lr_milestones: []}
+evaluation:
+  attacks: [clean, pgd20, aa]
+  n_examples: 8
+  batch_size: 8
+"""
+
+
+def study_cmd(workdir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raydistill.study", str(workdir / "tiny.yaml"), "--storage-path",
+            str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--name", "tiny",
+            "--summary-json", str(workdir / "study.json"), *extra]
+
+
+def runs_of(workdir) -> list:
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = c.get_experiment_by_name("raydistill")
+    return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def test_study_killed_in_its_search_completes_with_everything_exactly_once(workdir):
+    (workdir / "tiny.yaml").write_text(TINY)
+    t0 = time.time()
+    proc = subprocess.Popen(study_cmd(workdir), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 400
+    try:  # kill the whole job (driver and its local Ray) once a trial of the first search has finished
+        while time.time() < deadline:
+            if (workdir / "mlflow.db").exists():
+                try:
+                    if any(r.data.tags.get("stage") == "search" and r.data.tags.get("raydistill.kind") == "run"
+                           and r.info.status == "FINISHED" for r in runs_of(workdir)):
+                        break
+                except Exception:  # the driver may still be creating the store
+                    pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        first = proc.communicate()[0]
+    assert not (workdir / "runs" / "tiny" / "records" / "search").exists()  # killed inside the search
+    killed_at = time.time() - t0
+    done = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, (first[-2000:], out[-4000:])
+    print(f"study: killed after {killed_at:.0f}s, relaunch {time.time() - t0 - killed_at:.0f}s")
+    assert "continuing the interrupted search" in out
+    assert "Trial status" not in out and "Configuration for experiment" not in out  # no Tune tables
+    assert not error_lines(out), error_lines(out)
+
+    # the summary JSON (CONTRACT.md)
+    s = json.loads((workdir / "study.json").read_text())
+    assert s["study"] == "tiny" and s["mlflow_run_id"] and s["report"].endswith("report.md")
+    assert set(s["methods"]) == {"natural", "pgd_at"}
+    for m, v in s["methods"].items():
+        assert v["best_params"] and v["search"]["trials"] == 3 and v["search"]["trial_epochs"] == 3
+        assert v["search"]["device_hours"] > 0
+        assert [f["seed"] for f in v["final"]] == [0, 1]
+        for f in v["final"]:
+            assert f["mlflow_run_id"] and f["checkpoint"] and f["n_examples"] == 8
+            assert set(f["metrics"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
+        assert set(v["mean"]) == set(v["std"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
+    report = (workdir / "runs" / "tiny" / "report.md").read_text()
+    assert "| natural | small_cnn |" in report and "| pgd_at | small_cnn |" in report and "±" in report
+    assert (workdir / "runs" / "tiny" / "pareto.png").stat().st_size > 1000
+
+    # MLflow: every trial, final run and evaluation exactly once, all FINISHED, under the study's runs
+    runs = runs_of(workdir)
+    by_id = {r.info.run_id: r for r in runs}
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), sorted(names)
+    study = [r for r in runs if r.data.tags.get("raydistill.kind") == "study"]
+    assert len(study) == 1 and study[0].info.run_id == s["mlflow_run_id"]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    exp = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_experiment_by_name("raydistill")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+    def parent(r):
+        return by_id[r.data.tags["mlflow.parentRunId"]]
+
+    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("raydistill.kind") == "stage"}
+    assert set(stages) == {"search", "final", "evaluation", "report"}
+    assert all(parent(r).info.run_id == s["mlflow_run_id"] for r in stages.values())
+    for m, v in s["methods"].items():
+        trials = [r for r in runs if r.data.tags.get("stage") == "search" and r.data.tags.get("method") == m
+                  and r.data.tags.get("raydistill.kind") == "run"]
+        assert len(trials) == 3 and {parent(t).info.run_id for t in trials} == {v["search"]["mlflow_run_id"]}
+        assert all(t.data.tags["is_final"] == "false" and t.data.tags["study"] == "tiny" for t in trials)
+        for f in v["final"]:
+            run = by_id[f["mlflow_run_id"]]
+            assert run.data.tags["is_final"] == "true" and run.data.tags["method"] == m
+            assert run.data.tags["seed"] == str(f["seed"]) and parent(run).info.run_id == stages["final"].info.run_id
+            assert "study/aa_acc" in run.data.metrics
+            ev = by_id[f["evaluation_run_id"]]
+            assert ev.data.metrics["test/aa_acc"] == f["metrics"]["aa_acc"]
+    finals = [r for r in runs if r.data.tags.get("is_final") == "true"]
+    assert len(finals) == 4
+    records = workdir / "runs" / "tiny" / "records"
+    assert len(list(records.rglob("*.json"))) == 2 + 4 + 4
+
+    # a relaunch of the finished study redoes nothing
+    again = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "started" not in again.stdout and len(runs_of(workdir)) == len(runs)
