@@ -147,6 +147,13 @@ def run_search(study, run, teachers: dict) -> dict:
     grid = tuner.fit()
     trials = collect(grid, replace(cfg, placement=replace(cfg.placement, tracking_uri=study.uri,
                                                           experiment=study.experiment)), parent, root)
+    # runs of trials that an interrupted attempt started after Tune last saved its state: Tune never knew them
+    known = {t["mlflow_run_id"] for t in trials}
+    orphans = [r.info.run_id for r in tracking.find_runs(study.uri, study.experiment, parent=parent)
+               if r.info.run_id not in known]
+    if orphans:
+        tracking.delete_runs(study.uri, orphans)
+        study.event(f"{run.key}: deleted {len(orphans)} MLflow run(s) of trials the interrupted attempt never recorded")
     ok = [t for t in trials if t["status"] in ("COMPLETED", "STOPPED")]
     best = max(ok, key=lambda t: t["metrics"].get("val_best_pgd10_acc", t["metrics"].get("val_pgd10_acc", -1.0)),
                default=None)

@@ -159,6 +159,14 @@ def find_runs(uri: str, experiment: str, *, kind: str | None = None, parent: str
             return runs
 
 
+def delete_runs(uri: str, run_ids: Iterable[str]) -> None:
+    """Delete runs (moved to MLflow's trash): e.g. those of trials that an interrupted search started but never
+    recorded, so that a relaunch leaves every trial exactly once."""
+    c = client(uri)
+    for run_id in run_ids:
+        c.delete_run(run_id)
+
+
 def run_exists(uri: str, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
