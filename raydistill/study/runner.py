@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -27,7 +28,7 @@ STUDY_FILE = "study.yaml"
 def run_study(plan: Plan, args: argparse.Namespace) -> int:
     """Run ``plan`` (``args``: the command line: resume, summary_json...); returns the exit code."""
     from .. import storage, tracking
-    from ..train import TrainingFailed, init_ray, require_shared_storage, root_cause, write_json
+    from ..train import init_ray, require_shared_storage, root_cause, write_json
     from .plan import study_dir
     from .records import Study
 
@@ -68,10 +69,9 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
                 pass
         if stopped or isinstance(exc, UsageError):
             raise
-        study.warn(f"the study stopped: {reason}; relaunch with --name {plan.name} --resume to continue")
-        if isinstance(exc, TrainingFailed) or "TrainingFailed" in type(exc).__name__:
-            return 1
-        raise UsageError(f"the study stopped: {reason}") from None
+        print(f"error: the study stopped: {reason}; what finished is recorded: relaunch with --name {plan.name} "
+              "--resume to continue", file=sys.stderr, flush=True)
+        return 1
     if args.summary_json:
         write_json(args.summary_json, s)
     return 0

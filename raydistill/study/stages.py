@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ..train import launch
+from ..train import TrainingFailed, launch, root_cause
 
 
 def _placed(study, cfg, name: str, folder: str, **extra):
@@ -78,19 +78,27 @@ def run_finals(study, stage, teachers: dict, searches: dict) -> dict[str, dict]:
         pending[task.remote(cfg, parent, study.tags("final", run.method, seed, final=True))] = (run, cfg)
         study.event(f"{run.key}: started ({cfg.epochs} epochs)")
 
-    queue = list(todo)
+    queue, failed = list(todo), []
     while queue or pending:
         while queue and len(pending) < at_once:
             submit(queue.pop(0))
         done, _ = ray.wait(list(pending), num_returns=1)
         run, cfg = pending.pop(done[0])
-        s = ray.get(done[0])  # a failure raises here: the study stops, the finished runs are recorded
+        try:
+            s = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - the others finish and are recorded; then the study stops
+            failed.append(f"{run.key}: {root_cause(exc)}")
+            study.event(f"{run.key}: failed: {root_cause(exc)}")
+            queue.clear()
+            continue
         rec = {**s, "seed": run.detail["seed"], "params": searches[f"search/{run.method}"]["best_params"],
                "device_hours": hours(s, cfg.placement.workers)}
         study.write_record(run.key, rec)
         out[run.key] = rec
         study.event(f"{run.key}: finished, {s['epochs_completed']} epochs, best epoch {s['best_epoch']}, "
                     f"test {_m(s['metrics'])}")
+    if failed:
+        raise TrainingFailed(f"{len(failed)} final run(s) failed; {failed[0]}")
     return out
 
 
