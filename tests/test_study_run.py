@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, error_lines
 
-pytestmark = pytest.mark.slow
 
 TINY = """\
 study: tiny
@@ -49,6 +48,34 @@ def runs_of(workdir) -> list:
     return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
 
 
+def test_report_table_final_runs_only_with_published_figures_and_aa_test(tmp_path):
+    """The table from records (no Ray): mean ± std over seeds, n, the budget used, the published row beside."""
+    from raydistill.study import load_study
+    from raydistill.study import table
+
+    plan = load_study(str(REPO / "studies" / "cifar10-resnet18.yaml"))
+    aa = {"pgd_at": [0.46, 0.47, 0.465], "trades": [0.49, 0.495, 0.50]}
+    searches, finals, evals = {}, {}, {}
+    for m in plan.spec.methods:
+        searches[f"search/{m.name}"] = {"best_params": {"lr": 0.1}, "trials": 5, "trial_epochs": 40,
+                                       "budget_trial_epochs": 40, "device_hours": 1.0, "mlflow_run_id": "s"}
+        for i, seed in enumerate(plan.spec.final.seeds):
+            finals[f"final/{m.name}/seed{seed}"] = {"mlflow_run_id": f"{m.name}{seed}", "checkpoint": "c",
+                                                    "device_hours": 0.5}
+            evals[f"eval/{m.name}/seed{seed}"] = {"n_examples": 10000, "metrics": {
+                "clean_acc": 0.8, "pgd20_acc": 0.5, "aa_acc": aa.get(m.name, [0.40, 0.41, 0.42])[i]}}
+    methods = table.aggregate(plan, searches, evals, finals)
+    assert methods["trades"]["n"] == 3 and abs(methods["trades"]["mean"]["aa_acc"] - 0.495) < 1e-9
+    best, tests = table.aa_tests(methods)
+    assert best == "trades" and tests["pgd_at"]["differs"] and tests["pgd_at"]["p"] < 0.05
+    text = table.markdown(plan, methods, {"search": 1.0, "final": 2.0}, 10000)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| trades | resnet18 |"))
+    assert "49.50 ± 0.50" in row and "| 3 | 5 | 40 (40) | best |" in row
+    assert "Jung et al., CVPR 2024 T1: Clean 81.47 (-1.47)" in row and "AA 49.35 (+0.15)" in row
+    assert "same first 10000 test images" in text and "| final | 2.0000 |" in text
+
+
+@pytest.mark.slow
 def test_study_killed_in_its_search_completes_with_everything_exactly_once(workdir):
     (workdir / "tiny.yaml").write_text(TINY)
     t0 = time.time()

@@ -69,9 +69,30 @@ def published(plan, method: str) -> list:
 
     try:
         eps = next(r.config.eps for r in plan.runs() if r.kind == "final")
-        return reference.published(method, plan.spec.dataset, plan.spec.student, eps=eps)
+        rows = reference.published(method, plan.spec.dataset, plan.spec.student, eps=eps)
     except Exception:  # noqa: BLE001 - a method or dataset the reference does not know: no published figures
         return []
+    from .plan import teachers_needed
+
+    teacher = plan.spec.teachers.get("robust")
+    if teachers_needed(method) and teacher is not None and teacher.arch:  # the same teacher architecture first
+        same = [r for r in rows if r.setting.teacher == teacher.arch]
+        rows = same or rows
+    return sorted(rows, key=lambda r: "aa_acc" not in r.metrics)  # rows with AA first
+
+
+def beside(plan, method: str, mean: dict) -> str:
+    """The published figures of the row's setting (the first paper that reports AA) and ours minus theirs."""
+    from .. import reference
+
+    rows = published(plan, method)
+    if not rows:
+        return "-"
+    r = rows[0]
+    diff = reference.compare(mean, r)
+    figs = [f"{label} {_pct(r.metrics[k])}" + (f" ({100 * diff[k]:+.2f})" if k in diff else "")
+            for k, label in COLUMNS if k in r.metrics]
+    return f"{r.paper.short} T{r.table.number}: " + ", ".join(figs)
 
 
 def _pct(x: float | None) -> str:
@@ -88,7 +109,7 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int) -> str:
              f"{', '.join(map(str, plan.spec.final.seeds))}), every figure on the same first {n_images} test images. "
              "Accuracies in %, mean ± std over seeds (n = seeds).", "",
              "| method | arch | " + " | ".join(c[1] for c in cols) + " | n | search trials | trial-epochs (budget) "
-             "| AA vs best |", "|" + "---|" * (len(cols) + 6)]
+             "| AA vs best | published (ours − published) |", "|" + "---|" * (len(cols) + 7)]
     for m, v in methods.items():
         cells = [f"{_pct(v['mean'].get(k))} ± {_pct(v['std'].get(k))}" if k in v["mean"] else "-" for k, _ in cols]
         t = tests.get(m)
@@ -96,9 +117,12 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int) -> str:
                                         else f"{'differs' if t['differs'] else 'within noise'} (p = {t['p']:.3g})")
         s = v["search"]
         lines.append(f"| {m} | {plan.spec.student} | " + " | ".join(cells) +
-                     f" | {v['n']} | {s['trials']} | {s['trial_epochs']} ({s['budget_trial_epochs']}) | {vs} |")
+                     f" | {v['n']} | {s['trials']} | {s['trial_epochs']} ({s['budget_trial_epochs']}) | {vs} "
+                     f"| {beside(plan, m, v['mean'])} |")
     lines += ["", "AA vs best: Welch's two-sided t-test of the per-seed AA accuracies against the method with the "
-              "highest mean AA; 'differs' at p < 0.05.", "", "## Published figures for the same setting", ""]
+              "highest mean AA; 'differs' at p < 0.05. Published: the same dataset, student, eps (and teacher "
+              "architecture) in raydistill.reference; every such row below.", "",
+              "## Published figures for the same setting", ""]
     any_pub = False
     for m, v in methods.items():
         for row in published(plan, m):
