@@ -145,6 +145,11 @@ def run_search(study, run, teachers: dict) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0, callbacks=[progress],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if d["scheduler"] == "none":  # without early stopping every trial that did not fail runs all its epochs
+        unfinished += sum(1 for r in grid if r.error is None and int((r.metrics or {}).get("epoch", 0)) < d["epochs"])
+    if unfinished:  # Tune stopped (a signal): never recorded as done
+        raise KeyboardInterrupt(f"{run.key}: the search stopped with {unfinished} trial(s) unfinished")
     trials = collect(grid, replace(cfg, placement=replace(cfg.placement, tracking_uri=study.uri,
                                                           experiment=study.experiment)), parent, root)
     # runs of trials that an interrupted attempt started after Tune last saved its state: Tune never knew them
