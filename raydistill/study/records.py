@@ -16,6 +16,8 @@ from typing import Any
 
 from .. import storage
 
+SESSION_T0 = time.time()  # this driver's start: the progress lines' clock (also for objects Tune unpickles)
+
 
 @dataclass
 class Study:
@@ -27,7 +29,6 @@ class Study:
     experiment: str
     parent: str = ""  # the study's MLflow run
     stage_runs: dict = field(default_factory=dict)  # stage -> its MLflow child run
-    t0: float = field(default_factory=time.time)
 
     # ------------------------------------------------------------------ records
     def record_path(self, key: str) -> str:
@@ -94,7 +95,7 @@ class Study:
     # ------------------------------------------------------------------ progress
     def event(self, text: str) -> None:
         """One progress line."""
-        print(f"[study {self.plan.name} {fmt_time(time.time() - self.t0)}] {text}", flush=True)
+        print(f"[study {self.plan.name} {fmt_time(time.time() - SESSION_T0)}] {text}", flush=True)
 
     def warn(self, text: str) -> None:
         print(f"[study {self.plan.name}] warning: {text}", file=sys.stderr, flush=True)

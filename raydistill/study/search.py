@@ -61,8 +61,8 @@ class BudgetSearcher(Searcher):
 class Progress(Callback):
     """One line per finished or stopped trial (Tune's own tables are off: verbose=0)."""
 
-    def __init__(self, study, key: str, budget: int):
-        self.study, self.key, self.budget, self.used = study, key, budget, 0
+    def __init__(self, study, key: str, budget: int, epochs: int):
+        self.study, self.key, self.budget, self.epochs = study, key, budget, epochs
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "finished" if "test/clean_acc" in (trial.last_result or {}) else "stopped (ASHA)")
@@ -72,10 +72,9 @@ class Progress(Callback):
 
     def _line(self, trial, what: str) -> None:
         r = trial.last_result or {}
-        self.used += int(r.get("epoch", 0))
         val = f", val pgd10 {r[METRIC]:.4f}" if METRIC in r else ""
-        self.study.event(f"{self.key}: trial {trial.trial_id} {what} after {int(r.get('epoch', 0))} epochs{val} "
-                         f"(this session: {self.used} trial-epochs; budget {self.budget})")
+        self.study.event(f"{self.key}: trial {trial.trial_id} {what} after {int(r.get('epoch', 0))} of "
+                         f"{self.epochs} epochs{val} (budget {self.budget} trial-epochs)")
 
 
 def run_trial(config: dict, *, run, teachers: dict, space_path: str, parent_run_id: str, prefix: str, folder: str,
@@ -128,7 +127,7 @@ def run_search(study, run, teachers: dict) -> dict:
         run_trial, run=run, teachers=teachers, space_path=str(space.path), parent_run_id=parent,
         prefix=f"{study.plan.name}-{method}", folder=study.path("runs", "search", method), place=place, tags=tags),
         {"cpu": 0, "memory": 64 * 1024**2})
-    progress = Progress(study, run.key, d["trial_epochs"])
+    progress = Progress(study, run.key, d["trial_epochs"], d["epochs"])
     t0 = time.time()
     if tune.Tuner.can_restore(exp_path):
         study.event(f"{run.key}: continuing the interrupted search")
