@@ -61,10 +61,12 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-           quiet: bool = False, hooks: tuple | list = (), check_storage: bool = True) -> dict[str, Any]:
+           quiet: bool = False, hooks: tuple | list = (), check_storage: bool = True,
+           tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cfg`` (validated) to completion and return the summary dict (see CONTRACT.md). ``hooks``
     run inside the loop on every worker (engine.Hooks; picklable objects, importable by the workers).
-    ``check_storage``: check that every node reaches the storage first (a search checks it once)."""
+    ``check_storage``: check that every node reaches the storage first (a search checks it once).
+    ``tags``: MLflow tags of the run besides its own (a study's: study, stage, is_final...)."""
     from . import storage, tracking
 
     p = cfg.placement
@@ -79,7 +81,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
         cfg = replace(cfg, placement=replace(cfg.placement,
-                                             mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id)))
+                                             mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id,
+                                                                                             tags=tags)))
     p = cfg.placement
     t0 = time.time()
     try:

@@ -141,15 +141,15 @@ def test_the_raydistill_command_runs_study(results):
     assert "error: --name '.hidden' must be a plain folder name" in line
 
 
-def test_running_is_not_built_yet(tmp_path, monkeypatch):
+def test_resume_of_a_study_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
     from raydistill.errors import UsageError
     from raydistill.study.__main__ import main
 
     (tmp_path / "ok.yaml").write_text(OK)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(UsageError, match="running a study is not built yet; --dry-run prints its plan"):
-        main(["ok.yaml", "--storage-path", str(tmp_path / "store")])
+    with pytest.raises(UsageError, match="--resume: no study named 'ok' under .*store; give the --name and --storage-path"):
+        main(["ok.yaml", "--resume", "--storage-path", str(tmp_path / "store")])
     assert [p.name for p in tmp_path.iterdir()] == ["ok.yaml"]
 
 

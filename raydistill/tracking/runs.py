@@ -20,6 +20,9 @@ KIND_SEARCH = "search"  # a tune search: parent of its trials' runs
 KIND_REPORT = "report"  # a report's outputs (raydistill.report --log-to-mlflow without a search)
 KIND_EVAL = "eval"  # a raydistill.evaluate run
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3 opens an experiment without this tag on its GenAI (traces) overview; "custom_model_development"
+# makes the UI open on the runs table, as for a model-training experiment
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 OFF = "none"  # --tracking-uri none: no MLflow at all (train, evaluate); MLflow is not even imported
@@ -111,9 +114,11 @@ def experiment_id(c, name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -152,6 +157,14 @@ def find_runs(uri: str, experiment: str, *, kind: str | None = None, parent: str
         token = page.token
         if not token:
             return runs
+
+
+def delete_runs(uri: str, run_ids: Iterable[str]) -> None:
+    """Delete runs (moved to MLflow's trash): e.g. those of trials that an interrupted search started but never
+    recorded, so that a relaunch leaves every trial exactly once."""
+    c = client(uri)
+    for run_id in run_ids:
+        c.delete_run(run_id)
 
 
 def run_exists(uri: str, run_id: str) -> bool:

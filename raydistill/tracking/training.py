@@ -29,10 +29,12 @@ def run_tags(cfg) -> dict[str, str]:
             "selected_by": selected_by(cfg.method)}
 
 
-def start_run(cfg, parent_run_id: str | None = None) -> str:
-    """Create (or reuse, for a relaunched --name) the training run for ``cfg``; returns its id."""
+def start_run(cfg, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Create (or reuse, for a relaunched --name) the training run for ``cfg`` (with ``tags`` besides the
+    run's own); returns its id."""
     p = cfg.placement
-    return open_run(p.tracking_uri, p.experiment, p.name, KIND_RUN, tags=run_tags(cfg), params=flat_params(cfg),
+    return open_run(p.tracking_uri, p.experiment, p.name, KIND_RUN, tags={**run_tags(cfg), **(tags or {})},
+                    params=flat_params(cfg),
                     parent=parent_run_id)
 
 

@@ -1,0 +1,177 @@
+"""A study's report: the papers' table over the final runs only, the search budgets, the device-hours of each
+stage, the published figures beside each row, a test of each method's AA against the best one's, and the
+Pareto plot (clean vs AA, per-seed points). Every figure of a row comes from the study's evaluation of the
+final runs, all on the same first ``n_examples`` test images."""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+COLUMNS = (("clean_acc", "Clean"), ("fgsm_acc", "FGSM"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW-inf"), ("aa_acc", "AA"))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(plan, searches: dict, evals: dict, finals: dict) -> dict[str, dict]:
+    """The study summary's ``methods`` (CONTRACT.md): per method its best values, search, final runs, mean, std."""
+    out = {}
+    for m in plan.spec.methods:
+        s = searches[f"search/{m.name}"]
+        rows = []
+        for seed in plan.spec.final.seeds:
+            e, f = evals[f"eval/{m.name}/seed{seed}"], finals[f"final/{m.name}/seed{seed}"]
+            rows.append({"seed": seed, "mlflow_run_id": f.get("mlflow_run_id"), "checkpoint": f.get("checkpoint"),
+                         "epochs_completed": f.get("epochs_completed"), "metrics": e["metrics"],
+                         "evaluation_run_id": e.get("mlflow_run_id"), "n_examples": e["n_examples"]})
+        keys = [k for k, _ in COLUMNS if all(k in r["metrics"] for r in rows)]
+        stats = {k: mean_std([r["metrics"][k] for r in rows]) for k in keys}
+        out[m.name] = {"best_params": s["best_params"],
+                       "search": {"trials": s["trials"], "trial_epochs": s["trial_epochs"],
+                                  "budget_trial_epochs": s["budget_trial_epochs"], "device_hours": s["device_hours"],
+                                  "mlflow_run_id": s["mlflow_run_id"]},
+                       "final": rows, "n": len(rows),
+                       "mean": {k: v[0] for k, v in stats.items()}, "std": {k: v[1] for k, v in stats.items()},
+                       "final_device_hours": sum(finals[f"final/{m.name}/seed{r['seed']}"].get("device_hours", 0)
+                                                 for r in rows)}
+    return out
+
+
+def aa_tests(methods: dict) -> tuple[str | None, dict[str, dict]]:
+    """Each method's per-seed AA against the best method's (highest mean AA): Welch's two-sided t-test."""
+    have = {m: [r["metrics"]["aa_acc"] for r in v["final"] if "aa_acc" in r["metrics"]] for m, v in methods.items()}
+    have = {m: xs for m, xs in have.items() if xs}
+    if not have:
+        return None, {}
+    best = max(have, key=lambda m: statistics.fmean(have[m]))
+    out = {}
+    for m, xs in have.items():
+        if m == best:
+            continue
+        ys = have[best]
+        if len(xs) < 2 or len(ys) < 2:
+            out[m] = {"p": None, "differs": None, "why": "fewer than 2 seeds"}
+            continue
+        from scipy import stats
+
+        if statistics.pstdev(xs) == 0 and statistics.pstdev(ys) == 0:
+            p = 1.0 if statistics.fmean(xs) == statistics.fmean(ys) else 0.0
+        else:
+            p = float(stats.ttest_ind(xs, ys, equal_var=False).pvalue)
+        out[m] = {"p": p, "differs": bool(p < 0.05)}
+    return best, out
+
+
+def published(plan, method: str) -> list:
+    from .. import reference
+
+    try:
+        eps = next(r.config.eps for r in plan.runs() if r.kind == "final")
+        rows = reference.published(method, plan.spec.dataset, plan.spec.student, eps=eps)
+    except Exception:  # noqa: BLE001 - a method or dataset the reference does not know: no published figures
+        return []
+    from .plan import teachers_needed
+
+    teacher = plan.spec.teachers.get("robust")
+    if teachers_needed(method) and teacher is not None and teacher.arch:  # the same teacher architecture first
+        same = [r for r in rows if r.setting.teacher == teacher.arch]
+        rows = same or rows
+    return sorted(rows, key=lambda r: "aa_acc" not in r.metrics)  # rows with AA first
+
+
+def beside(plan, method: str, mean: dict) -> str:
+    """The published figures of the row's setting (the first paper that reports AA) and ours minus theirs."""
+    from .. import reference
+
+    rows = published(plan, method)
+    if not rows:
+        return "-"
+    r = rows[0]
+    diff = reference.compare(mean, r)
+    figs = [f"{label} {_pct(r.metrics[k])}" + (f" ({100 * diff[k]:+.2f})" if k in diff else "")
+            for k, label in COLUMNS if k in r.metrics]
+    return f"{r.paper.short} T{r.table.number}: " + ", ".join(figs)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def markdown(plan, methods: dict, stage_hours: dict, n_images: int) -> str:
+    from .. import reference
+
+    best, tests = aa_tests(methods)
+    cols = [c for c in COLUMNS if any(c[0] in v["mean"] for v in methods.values())]
+    lines = [f"# Study {plan.name}", "",
+             f"{plan.spec.dataset}, student {plan.spec.student}; final runs only (seeds "
+             f"{', '.join(map(str, plan.spec.final.seeds))}), every figure on the same first {n_images} test images. "
+             "Accuracies in %, mean ± std over seeds (n = seeds).", "",
+             "| method | arch | " + " | ".join(c[1] for c in cols) + " | n | search trials | trial-epochs (budget) "
+             "| AA vs best | published (ours − published) |", "|" + "---|" * (len(cols) + 7)]
+    for m, v in methods.items():
+        cells = [f"{_pct(v['mean'].get(k))} ± {_pct(v['std'].get(k))}" if k in v["mean"] else "-" for k, _ in cols]
+        t = tests.get(m)
+        vs = "best" if m == best else ("-" if t is None else "n/a (" + t["why"] + ")" if t["p"] is None
+                                        else f"{'differs' if t['differs'] else 'within noise'} (p = {t['p']:.3g})")
+        s = v["search"]
+        lines.append(f"| {m} | {plan.spec.student} | " + " | ".join(cells) +
+                     f" | {v['n']} | {s['trials']} | {s['trial_epochs']} ({s['budget_trial_epochs']}) | {vs} "
+                     f"| {beside(plan, m, v['mean'])} |")
+    lines += ["", "AA vs best: Welch's two-sided t-test of the per-seed AA accuracies against the method with the "
+              "highest mean AA; 'differs' at p < 0.05. Published: the same dataset, student, eps (and teacher "
+              "architecture) in raydistill.reference; every such row below.", "",
+              "## Published figures for the same setting", ""]
+    any_pub = False
+    for m, v in methods.items():
+        for row in published(plan, m):
+            any_pub = True
+            diff = reference.compare(v["mean"], row)
+            figs = ", ".join(f"{k} {_pct(val)} (ours − published {100 * diff[k]:+.2f})" if k in diff else
+                             f"{k} {_pct(val)}" for k, val in row.metrics.items())
+            lines.append(f"* {m}: {row.source}: {figs}")
+    if not any_pub:
+        lines.append(f"No paper reports these methods on {plan.spec.dataset} with {plan.spec.student}.")
+    lines += ["", "## Device-hours by stage (measured: wall time × workers)", "",
+              "| stage | device-hours |", "|---|---|"]
+    lines += [f"| {k} | {h:.4f} |" for k, h in stage_hours.items()]
+    lines += ["", "Search trials are in MLflow under each search run (tag stage=search); the final runs carry "
+              "tag is_final=true.", "", "![clean vs AA](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def pareto_plot(methods: dict, path: str) -> bool:
+    """Clean vs AA (else the strongest attack evaluated) of the final runs: per-seed points and the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next((k for k in ("aa_acc", "cw_acc", "pgd20_acc", "fgsm_acc")
+                if all(k in r["metrics"] for v in methods.values() for r in v["final"])), None)
+    if key is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, (m, v) in enumerate(methods.items()):
+        color = f"C{i % 10}"
+        xs = [r["metrics"]["clean_acc"] for r in v["final"] if "clean_acc" in r["metrics"]]
+        ys = [r["metrics"][key] for r in v["final"] if "clean_acc" in r["metrics"]]
+        ax.scatter(xs, ys, color=color, alpha=0.5, s=20)
+        if xs:
+            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=color, marker="*", s=140, label=m)
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel(key.replace("_acc", "").upper() + " accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("final runs: seeds (dots) and mean (star)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary(plan, parent: str, report_uri: str, methods: dict, stage_hours: dict) -> dict[str, Any]:
+    best, tests = aa_tests(methods)
+    return {"study": plan.name, "mlflow_run_id": parent, "report": report_uri, "methods": methods,
+            "device_hours": stage_hours, "aa_best": best, "aa_tests": tests}

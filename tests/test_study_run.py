@@ -1,0 +1,163 @@
+"""A study end to end from the command line, killed in its search stage and relaunched: every trial, final run
+and evaluation exactly once in MLflow and the records, the summary JSON of CONTRACT.md, the report."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, error_lines
+
+
+TINY = """\
+study: tiny
+dataset: digits
+student: small_cnn
+train: {preset: quickstart, workers: 1}
+methods: [natural, pgd_at]
+search:
+  budget: {trial_epochs: 2}    # 2 trials of 1 epoch, at once
+  epochs: 1
+  scheduler: none
+  max_concurrent: 2
+final:
+  seeds: [0, 1]
+  schedule: {epochs: 1, lr_milestones: []}
+evaluation:
+  attacks: [clean, pgd20, aa]
+  n_examples: 8
+  batch_size: 8
+"""
+
+
+def study_cmd(workdir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raydistill.study", str(workdir / "tiny.yaml"), "--storage-path",
+            str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--name", "tiny",
+            "--summary-json", str(workdir / "study.json"), *extra]
+
+
+def runs_of(workdir) -> list:
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = c.get_experiment_by_name("raydistill")
+    return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def test_report_table_final_runs_only_with_published_figures_and_aa_test(tmp_path):
+    """The table from records (no Ray): mean ± std over seeds, n, the budget used, the published row beside."""
+    from raydistill.study import load_study
+    from raydistill.study import table
+
+    plan = load_study(str(REPO / "studies" / "cifar10-resnet18.yaml"))
+    aa = {"pgd_at": [0.46, 0.47, 0.465], "trades": [0.49, 0.495, 0.50]}
+    searches, finals, evals = {}, {}, {}
+    for m in plan.spec.methods:
+        searches[f"search/{m.name}"] = {"best_params": {"lr": 0.1}, "trials": 5, "trial_epochs": 40,
+                                       "budget_trial_epochs": 40, "device_hours": 1.0, "mlflow_run_id": "s"}
+        for i, seed in enumerate(plan.spec.final.seeds):
+            finals[f"final/{m.name}/seed{seed}"] = {"mlflow_run_id": f"{m.name}{seed}", "checkpoint": "c",
+                                                    "device_hours": 0.5}
+            evals[f"eval/{m.name}/seed{seed}"] = {"n_examples": 10000, "metrics": {
+                "clean_acc": 0.8, "pgd20_acc": 0.5, "aa_acc": aa.get(m.name, [0.40, 0.41, 0.42])[i]}}
+    methods = table.aggregate(plan, searches, evals, finals)
+    assert methods["trades"]["n"] == 3 and abs(methods["trades"]["mean"]["aa_acc"] - 0.495) < 1e-9
+    best, tests = table.aa_tests(methods)
+    assert best == "trades" and tests["pgd_at"]["differs"] and tests["pgd_at"]["p"] < 0.05
+    text = table.markdown(plan, methods, {"search": 1.0, "final": 2.0}, 10000)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| trades | resnet18 |"))
+    assert "49.50 ± 0.50" in row and "| 3 | 5 | 40 (40) | best |" in row
+    assert "Jung et al., CVPR 2024 T1: Clean 81.47 (-1.47)" in row and "AA 49.35 (+0.15)" in row
+    assert "same first 10000 test images" in text and "| final | 2.0000 |" in text
+
+
+@pytest.mark.slow
+def test_study_killed_in_its_search_completes_with_everything_exactly_once(workdir):
+    (workdir / "tiny.yaml").write_text(TINY)
+    t0 = time.time()
+    proc = subprocess.Popen(study_cmd(workdir), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 400
+    records = workdir / "runs" / "tiny" / "records"
+    try:  # kill the whole job (driver and its local Ray) inside the second search, once its trials run
+        while time.time() < deadline:
+            if (records / "search" / "natural.json").exists():
+                try:
+                    if any(r.data.tags.get("method") == "pgd_at" and r.data.tags.get("raydistill.kind") == "run"
+                           for r in runs_of(workdir)):
+                        time.sleep(12)  # Tune has saved its state (it does every few seconds)
+                        break
+                except Exception:  # the driver may still be creating the store
+                    pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        first = proc.communicate()[0]
+    assert not (records / "search" / "pgd_at.json").exists(), first[-3000:]  # killed inside the search
+    killed_at = time.time() - t0
+    done = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, (first[-2000:], out[-4000:])
+    print(f"study: killed after {killed_at:.0f}s, relaunch {time.time() - t0 - killed_at:.0f}s")
+    assert "search/natural: recorded" in out and "search/pgd_at: continuing the interrupted search" in out
+    assert "Trial status" not in out and "Configuration for experiment" not in out  # no Tune tables
+    assert not error_lines(out), error_lines(out)
+
+    # the summary JSON (CONTRACT.md)
+    s = json.loads((workdir / "study.json").read_text())
+    assert s["study"] == "tiny" and s["mlflow_run_id"] and s["report"].endswith("report.md")
+    assert set(s["methods"]) == {"natural", "pgd_at"}
+    for m, v in s["methods"].items():
+        assert v["best_params"] and v["search"]["trials"] == 2 and v["search"]["trial_epochs"] == 2
+        assert v["search"]["device_hours"] > 0
+        assert [f["seed"] for f in v["final"]] == [0, 1]
+        for f in v["final"]:
+            assert f["mlflow_run_id"] and f["checkpoint"] and f["n_examples"] == 8
+            assert set(f["metrics"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
+        assert set(v["mean"]) == set(v["std"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
+    report = (workdir / "runs" / "tiny" / "report.md").read_text()
+    assert "| natural | small_cnn |" in report and "| pgd_at | small_cnn |" in report and "±" in report
+    assert (workdir / "runs" / "tiny" / "pareto.png").stat().st_size > 1000
+
+    # MLflow: every trial, final run and evaluation exactly once, all FINISHED, under the study's runs
+    runs = runs_of(workdir)
+    by_id = {r.info.run_id: r for r in runs}
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), sorted(names)
+    study = [r for r in runs if r.data.tags.get("raydistill.kind") == "study"]
+    assert len(study) == 1 and study[0].info.run_id == s["mlflow_run_id"]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    exp = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_experiment_by_name("raydistill")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+    def parent(r):
+        return by_id[r.data.tags["mlflow.parentRunId"]]
+
+    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("raydistill.kind") == "stage"}
+    assert set(stages) == {"search", "final", "evaluation", "report"}
+    assert all(parent(r).info.run_id == s["mlflow_run_id"] for r in stages.values())
+    for m, v in s["methods"].items():
+        trials = [r for r in runs if r.data.tags.get("stage") == "search" and r.data.tags.get("method") == m
+                  and r.data.tags.get("raydistill.kind") == "run"]
+        assert len(trials) == 2 and {parent(t).info.run_id for t in trials} == {v["search"]["mlflow_run_id"]}
+        assert all(t.data.tags["is_final"] == "false" and t.data.tags["study"] == "tiny" for t in trials)
+        for f in v["final"]:
+            run = by_id[f["mlflow_run_id"]]
+            assert run.data.tags["is_final"] == "true" and run.data.tags["method"] == m
+            assert run.data.tags["seed"] == str(f["seed"]) and parent(run).info.run_id == stages["final"].info.run_id
+            assert "study/aa_acc" in run.data.metrics
+            ev = by_id[f["evaluation_run_id"]]
+            assert ev.data.metrics["test/aa_acc"] == f["metrics"]["aa_acc"]
+    finals = [r for r in runs if r.data.tags.get("is_final") == "true"]
+    assert len(finals) == 4
+    assert len(list(records.rglob("*.json"))) == 2 + 4 + 4
+
+    # a relaunch of the finished study redoes nothing
+    again = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "started" not in again.stdout and len(runs_of(workdir)) == len(runs)
