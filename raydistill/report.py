@@ -2,9 +2,13 @@
 
 Runs are grouped by their ``method``, ``arch`` and ``dataset`` tags; each group's final test
 accuracies (Clean, FGSM, PGD-20, CW-inf, AutoAttack) are summarised as mean ± sample standard
-deviation (ddof=1) over its runs, which differ by their ``seed`` tag. Search parents
-(``raydistill.kind=search``) and earlier reports are never counted; ``--search`` /
-``--parent-run-id`` restrict the table to one search's trials.
+deviation (ddof=1) over its runs, which differ by their ``seed`` tag. Search trials (children of a
+search run, or a study's search stage) differ by their hyperparameters, not their seeds: they are never
+averaged with the final runs. By default the table holds the final runs (``raydistill.train`` runs and a
+study's seeded final runs); ``--search`` / ``--parent-run-id`` tabulate one search's trials instead, said
+as such. Search parents, a study's teachers, evaluations and earlier reports are never counted. ``Runs``
+counts the runs with test figures; runs without any (trials stopped early, runs that failed) are counted
+apart.
 
 Compute is reported two ways, summed over a group's runs, with wall = end - start of the MLflow run
 (runs that never ended count 0) and workers = max(1, ``workers`` param):
@@ -80,7 +84,16 @@ def run_row(r) -> dict[str, Any]:
            "wall_hours": wall_h, "workers": workers, "gpus_per_worker": gpus,
            "gpu_hours": wall_h * workers * gpus, "device_hours": wall_h * workers}
     row.update({short: metrics.get(key, math.nan) for short, key, _ in METRICS})
+    row["tested"] = any(key in metrics for _, key, _ in METRICS)
     return row
+
+
+def role(r, searches: set[str]) -> str:
+    """``trial`` (a search's child, or a study's search stage), ``teacher`` (a study's) or ``final``."""
+    tags = r.data.tags
+    if tags.get(tracking.PARENT_TAG) in searches or tags.get("stage") == "search":
+        return "trial"
+    return "teacher" if tags.get("stage") == "teachers" else "final"
 
 
 def diagnostics_rows(uri: str, runs: list) -> list[dict[str, Any]]:
@@ -101,7 +114,9 @@ def summarise(runs_df):
 
     rows = []
     for (method, arch, dataset), g in runs_df.groupby(GROUP, sort=True):
-        row = {"method": method, "arch": arch, "dataset": dataset, "runs": len(g), "seeds": g["seed"].nunique()}
+        tested = g[g["tested"]]
+        row = {"method": method, "arch": arch, "dataset": dataset, "runs": len(tested),
+               "seeds": tested["seed"].nunique(), "untested": len(g) - len(tested)}
         for short, _, _ in METRICS:
             vals = g[short].dropna()
             row[f"{short}_mean"] = vals.mean() if len(vals) else math.nan
@@ -136,18 +151,30 @@ def cell(row, short: str) -> str:
     return text + (f" (n={n})" if n < evaluated else "")
 
 
-def markdown(table, source: str, n_runs: int, plots: dict[str, str | None], pareto_note: str) -> str:
-    head = ["Method", "Arch", "Dataset", *(t for _, _, t in METRICS), "Runs", "Seeds", "GPU-h", "Device-h"]
-    lines = [f"# raydistill report\n\n{source}; {n_runs} runs; written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n",
-             "Test accuracy in %, mean ± sample std over runs (seeds); `(n=k)`: only k runs have that figure. "
+def markdown(table, source: str, n_runs: int, plots: dict[str, str | None], pareto_note: str,
+             trials: bool = False, left_out: str = "") -> str:
+    """``trials``: the table is a search's trials (different hyperparameters, not seeds)."""
+    what = "trials" if trials else "runs"
+    head = ["Method", "Arch", "Dataset", *(t for _, _, t in METRICS), "Trials" if trials else "Runs",
+            *([] if trials else ["Seeds"]), "Stopped" if trials else "Untested", "GPU-h", "Device-h"]
+    spread = ("mean ± sample std over the search's trials, which differ by their hyperparameters: the spread is "
+              "the search's, not seed noise (final seeded runs: train the best configuration with several "
+              "--seed, or run a study)" if trials else "mean ± sample std over final runs (seeds)")
+    untested = ("Stopped: trials stopped before their test figures (ASHA), not in the figures" if trials else
+                "Untested: runs without test figures (failed or unfinished), not in the figures")
+    lines = [f"# raydistill report\n\n{source}; {n_runs} {what}; written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n",
+             f"Test accuracy in %, {spread}; `(n=k)`: only k {what} have that figure. {untested}. "
              "GPU-h = Σ wall × workers × gpus_per_worker; Device-h = Σ wall × workers "
              "(a worker holds one GPU, a GPU share or CPU cores).\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
         vals = [row["method"], row["arch"], row["dataset"], *(cell(row, s) for s, _, _ in METRICS),
-                str(row["runs"]), str(row["seeds"]), f"{row['gpu_hours']:.2f}", f"{row['device_hours']:.2f}"]
+                str(row["runs"]), *([] if trials else [str(row["seeds"])]), str(row["untested"]),
+                f"{row['gpu_hours']:.2f}", f"{row['device_hours']:.2f}"]
         lines.append("| " + " | ".join(vals) + " |")
     lines.append("")
+    if left_out:
+        lines += [left_out, ""]
     if plots["pareto"]:
         lines += ["## Clean vs robust accuracy", "", pareto_note, "", f"![pareto]({plots['pareto']})", ""]
     if plots["diagnostics"]:
@@ -255,7 +282,8 @@ def plot_diagnostics(diag, colors: dict, path: Path) -> bool:
     return True
 
 
-def write_outputs(out: Path, runs_df, table, diag_raw, source: str) -> list[Path]:
+def write_outputs(out: Path, runs_df, table, diag_raw, source: str, trials: bool = False,
+                  left_out: str = "") -> list[Path]:
     """Every output file, written into a temporary folder first and moved into ``out`` at the end."""
     import matplotlib
 
@@ -271,7 +299,7 @@ def write_outputs(out: Path, runs_df, table, diag_raw, source: str) -> list[Path
         has_pareto, note = plot_pareto(table, runs_df, colors, tmp / "pareto.png")
         has_diag = plot_diagnostics(diag, colors, tmp / "diagnostics.png")
         plots = {"pareto": "pareto.png" if has_pareto else None, "diagnostics": "diagnostics.png" if has_diag else None}
-        (tmp / "report.md").write_text(markdown(table, source, len(runs_df), plots, note))
+        (tmp / "report.md").write_text(markdown(table, source, len(runs_df), plots, note, trials, left_out))
         written = []
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
@@ -315,9 +343,23 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"no training runs found in {where} at {uri}")
     import pandas as pd
 
+    trials = parent is not None  # a search's children: its trials
+    left_out = ""
+    if not trials:  # final runs only: a search's trials are no seeds, a study's teachers no rows of its table
+        searches = {r.info.run_id for r in tracking.find_runs(uri, args.experiment, kind=tracking.KIND_SEARCH)}
+        roles = [role(r, searches) for r in runs]
+        n_trials, n_teachers = roles.count("trial"), roles.count("teacher")
+        runs = [r for r, k in zip(runs, roles) if k == "final"]
+        if n_trials or n_teachers:
+            left_out = (f"Not in the table: {n_trials} search trial(s) (`--search NAME` tabulates a search's trials) "
+                        f"and {n_teachers} study teacher(s).")
+        if not runs:
+            raise UsageError(f"no final training runs in {where} at {uri}, only {n_trials} search trial(s): "
+                             "give --search NAME to tabulate a search's trials")
     runs_df = pd.DataFrame([run_row(r) for r in runs])
     table = summarise(runs_df)
-    files = write_outputs(out, runs_df, table, pd.DataFrame(diagnostics_rows(uri, runs)), f"MLflow {uri}, {where}")
+    files = write_outputs(out, runs_df, table, pd.DataFrame(diagnostics_rows(uri, runs)), f"MLflow {uri}, {where}",
+                          trials, left_out)
     print((out / "report.md").read_text())
     if remote:
         for f in files:

@@ -119,7 +119,8 @@ def test_evaluation_sharded_over_both_nodes_equals_one_worker_and_resumes_after_
     def units(name: str):
         import pyarrow as pa
 
-        return pa.concat_tables([table(name, f"units/{a}/{f}") for a in ("clean", "pgd20", "aa")
+        return pa.concat_tables([table(name, f"units/{a}/{f}").select(["index", "launch", "worker"])
+                                 for a in ("clean", "pgd20", "aa")
                                  for f in s3.listdir("evals", "evaluations", name, "units", a)])
 
     t0 = time.time()

@@ -40,7 +40,8 @@ def make_run(c, exp: str, method: str, arch: str, seed: int, test: dict[str, flo
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    """pgd_at x3 seeds (CPU, no AA), peeraid x2 (half GPUs, AA, diagnostics), a search with 2 ard trials."""
+    """pgd_at x3 seeds (CPU, no AA), peeraid x2 (half GPUs, AA, diagnostics), a search with 3 ard trials (one
+    stopped early)."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -58,6 +59,7 @@ def store(tmp_path_factory) -> dict:
     make_run(c, exp, "ard", "resnet18", 0, {"clean": 0.90, "pgd20": 0.50, "cw": 0.45}, parent=parent,
              diagnostics={"val/teacher_acc_on_student_adv": [0.4, 0.5]}, name="tune-ard-t0")
     make_run(c, exp, "ard", "resnet18", 1, {"clean": 0.88}, parent=parent, hours=None, name="tune-ard-t1")  # never ended
+    make_run(c, exp, "ard", "resnet18", 2, {}, parent=parent, name="tune-ard-t2")  # stopped by ASHA: no test figures
     return {"uri": uri, "root": root, "client": c, "exp": exp, "parent": parent}
 
 
@@ -74,7 +76,7 @@ def test_table_values_and_files(store, tmp_path):
     out = tmp_path / "rep"
     assert report.main(["--tracking-uri", store["uri"], "--out", str(out)]) == 0
     table = pq.read_table(out / "table.parquet").to_pandas()
-    assert list(table["method"]) == ["ard", "peeraid", "pgd_at"]  # by dataset, arch, method; the search parent is no row
+    assert list(table["method"]) == ["peeraid", "pgd_at"]  # final runs only: no search parent, no trial
 
     pgd = row(table, "pgd_at")
     assert (pgd["runs"], pgd["seeds"]) == (3, 3)
@@ -89,20 +91,16 @@ def test_table_values_and_files(store, tmp_path):
     assert peer["gpu_hours"] == pytest.approx(1.0)  # 2 runs x 0.5 h x 2 workers x 0.5 GPU
     assert peer["device_hours"] == pytest.approx(2.0)
 
-    ard = row(table, "ard")
-    assert ard["clean_mean"] == pytest.approx(0.89) and ard["pgd20_n"] == 1 and math.isnan(ard["pgd20_std"])
-    assert ard["gpu_hours"] == pytest.approx(0.0) and ard["device_hours"] == pytest.approx(1.0)  # no GPU param; t1 never ended
-
     md = (out / "report.md").read_text()
-    assert "| peeraid | small_cnn | digits | 79.00 ± 1.41 | – | 37.00 ± 2.83 | – | 32.00 ± 2.83 | 2 | 2 | 1.00 | 2.00 |" in md
-    assert "| ard | resnet18 | digits | 89.00 ± 1.41 | – | 50.00 (n=1) | 45.00 (n=1) | – | 2 | 2 | 0.00 | 1.00 |" in md
+    assert "| peeraid | small_cnn | digits | 79.00 ± 1.41 | – | 37.00 ± 2.83 | – | 32.00 ± 2.83 | 2 | 2 | 0 | 1.00 | 2.00 |" in md
+    assert "over final runs (seeds)" in md and "Not in the table: 3 search trial(s)" in md
     assert "PGD-20 for the hollow markers" in md
 
-    assert len(pq.read_table(out / "runs.parquet")) == 7
+    assert len(pq.read_table(out / "runs.parquet")) == 5
     diag = pq.read_table(out / "diagnostics.parquet").to_pandas()
     last = diag[(diag["metric"] == "val/peer_acc_on_student_adv") & (diag["epoch"] == 3)].iloc[0]
     assert last["mean"] == pytest.approx(0.71) and last["n"] == 2
-    assert (out / "table.csv").read_text().startswith("method,arch,dataset,runs,seeds,clean_mean")
+    assert (out / "table.csv").read_text().startswith("method,arch,dataset,runs,seeds,untested,clean_mean")
     for png in ("pareto.png", "diagnostics.png"):
         img = mpimg.imread(out / png)
         assert img.shape[0] > 300 and img.shape[1] > 500 and img[..., :3].std() > 0.05, png
@@ -115,9 +113,15 @@ def test_search_restricts_to_children_and_logs_to_parent(store, tmp_path):
     import pandas as pd
 
     table = pd.read_csv(out / "table.csv")
-    assert list(table["method"]) == ["ard"] and table["runs"][0] == 2
+    assert list(table["method"]) == ["ard"] and (table["runs"][0], table["untested"][0]) == (2, 1)
+    ard = table.iloc[0]
+    assert ard["clean_mean"] == pytest.approx(0.89) and ard["pgd20_n"] == 1 and math.isnan(ard["pgd20_std"])
+    assert ard["gpu_hours"] == pytest.approx(0.0) and ard["device_hours"] == pytest.approx(2.0)  # no GPU param; t1 never ended
     assert (out / "diagnostics.png").exists()  # the ard trial's val/teacher_acc_on_student_adv
     md = (out / "report.md").read_text()
+    # 3 trials, figures from the 2 with test figures, never called seeds
+    assert "| ard | resnet18 | digits | 89.00 ± 1.41 | – | 50.00 (n=1) | 45.00 (n=1) | – | 2 | 1 | 0.00 | 2.00 |" in md
+    assert "| Trials | Stopped |" in md and "not seed noise" in md and "Seeds" not in md
     assert "Robust accuracy is PGD-20: no run has an AutoAttack result" in md
     logged = {a.path for a in store["client"].list_artifacts(store["parent"], "report")}
     assert {"report/report.md", "report/table.parquet", "report/pareto.png"} <= logged
@@ -130,7 +134,7 @@ def test_log_to_new_report_run_not_counted_later(store, tmp_path):
     assert reports and reports[0].info.status == "FINISHED"
     assert any(a.path == "report/report.md" for a in c.list_artifacts(reports[0].info.run_id, "report"))
     assert report.main(["--tracking-uri", store["uri"], "--out", str(tmp_path / "b")]) == 0
-    assert "; 7 runs;" in (tmp_path / "b" / "report.md").read_text()
+    assert "; 5 runs;" in (tmp_path / "b" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args, needle", [
