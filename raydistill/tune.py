@@ -254,8 +254,10 @@ def best_score(trial: dict, default: float) -> float:
 def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder: str) -> list[str]:
     """AutoAttack (standard) on the k best completed trials' checkpoints, each sharded over the cluster's
     workers (one per GPU, else per CPU) with its per-image results under ``folder``/evaluations (a relaunch
-    with --resume reuses them); written to the trials' runs. Returns one line per trial whose AutoAttack
-    failed (the others are still attacked)."""
+    with --resume reuses them). The trial's test attacks (clean, FGSM, PGD-20...) are run again on the same
+    first ``n`` test images, so that every figure of the trial's row comes from the same images: they replace
+    the trial's test figures (``test_n_examples`` says how many images; the run's figures on the whole test
+    split stay in MLflow as ``test_all/*``). Returns one line per trial whose AutoAttack failed."""
     import ray
 
     from . import tracking
@@ -268,12 +270,13 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
     done.sort(key=lambda t: best_score(t, 0.0), reverse=True)
     res = ray.cluster_resources()
     workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
+    attacks = [a for a in dict.fromkeys([*(cfg.test_attacks or ["clean", "fgsm", "pgd20"]), "aa"])]
     failed = []
     for t in done[:k]:
         try:
             model, meta = load_model(t["checkpoint"], "cpu")
             data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
-            s = run_evaluation(t["checkpoint"], model, data, ["aa"], eps=meta["eps"], step_size=meta["step_size"],
+            s = run_evaluation(t["checkpoint"], model, data, attacks, eps=meta["eps"], step_size=meta["step_size"],
                                n_examples=n, workers=workers, storage_path=folder, name=f"trial-{t['trial_id']}",
                                dataset=meta["dataset"])
         except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
@@ -281,13 +284,21 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
             failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")
             print(f"[raydistill] AutoAttack on trial {t['trial_id']} failed: {root_cause(exc)}", flush=True)
             continue
-        acc = s["metrics"]["aa_acc"]
-        t["metrics"]["test_aa_acc"] = acc
+        m = t["metrics"]
+        whole = {key: m[key] for key in list(m) if key.startswith("test_")}
+        for key in whole:  # the whole split's figures would sit beside AA's subset in one row
+            del m[key]
+        m.update({f"test_{key}": v for key, v in s["metrics"].items()})
+        m.update(test_worst_acc=s["worst_acc"], test_n_examples=s["n_examples"])
         if t["mlflow_run_id"]:
-            tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={
-                "test/aa_acc": acc, **{f"test/aa_{c.replace('-', '_')}_acc": v for c, v in s["aa_components"].items()}})
-        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {workers} workers): "
-              f"{acc:.4f}", flush=True)
+            uri = cfg.placement.tracking_uri
+            tracking.log_batch(uri, t["mlflow_run_id"], metrics={
+                **{f"test_all/{key[5:]}": v for key, v in whole.items() if isinstance(v, (int, float))},
+                **{f"test/{key}": v for key, v in s["metrics"].items()}, "test/worst_acc": s["worst_acc"],
+                "test/n_examples": s["n_examples"],
+                **{f"test/aa_{c.replace('-', '_')}_acc": v for c, v in s["aa_components"].items()}})
+        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {workers} workers; "
+              f"its other test figures on the same images): {s['metrics']['aa_acc']:.4f}", flush=True)
     return failed
 
 

@@ -1,5 +1,6 @@
-"""A study end to end from the command line, killed in its search stage and relaunched: every trial, final run
-and evaluation exactly once in MLflow and the records, the summary JSON of CONTRACT.md, the report."""
+"""A study end to end from the command line, run whole and run killed in each of its stages (search, final,
+evaluation) and relaunched: the same table, every trial, final run and evaluation exactly once in MLflow and the
+records, the summary JSON of CONTRACT.md, the report."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,9 @@ evaluation:
 
 
 def study_cmd(workdir, *extra: str) -> list[str]:
+    if not (workdir / "tiny.yaml").exists():
+        workdir.mkdir(exist_ok=True)
+        (workdir / "tiny.yaml").write_text(TINY)
     return [sys.executable, "-m", "raydistill.study", str(workdir / "tiny.yaml"), "--storage-path",
             str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir}/mlflow.db", "--name", "tiny",
             "--summary-json", str(workdir / "study.json"), *extra]
@@ -75,41 +79,71 @@ def test_report_table_final_runs_only_with_published_figures_and_aa_test(tmp_pat
     assert "same first 10000 test images" in text and "| final | 2.0000 |" in text
 
 
-@pytest.mark.slow
-def test_study_killed_in_its_search_completes_with_everything_exactly_once(workdir):
-    (workdir / "tiny.yaml").write_text(TINY)
-    t0 = time.time()
-    proc = subprocess.Popen(study_cmd(workdir), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def kill_when(workdir, ready, what: str, *extra: str) -> str:
+    """Launch the study (``extra``: --resume) and SIGKILL the whole job (driver and its local Ray) once
+    ``ready()`` holds; returns its output."""
+    proc = subprocess.Popen(study_cmd(workdir, *extra), cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 400
-    records = workdir / "runs" / "tiny" / "records"
-    try:  # kill the whole job (driver and its local Ray) inside the second search, once its trials run
-        while time.time() < deadline:
-            if (records / "search" / "natural.json").exists():
-                try:
-                    if any(r.data.tags.get("method") == "pgd_at" and r.data.tags.get("raydistill.kind") == "run"
-                           for r in runs_of(workdir)):
-                        time.sleep(12)  # Tune has saved its state (it does every few seconds)
-                        break
-                except Exception:  # the driver may still be creating the store
-                    pass
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(1)
+    try:
+        while time.time() < deadline and not ready():
+            assert proc.poll() is None, f"the study ended before it was killed in its {what}: " + proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        assert time.time() < deadline, f"never reached its {what}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        first = proc.communicate()[0]
-    assert not (records / "search" / "pgd_at.json").exists(), first[-3000:]  # killed inside the search
-    killed_at = time.time() - t0
-    done = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, (first[-2000:], out[-4000:])
-    print(f"study: killed after {killed_at:.0f}s, relaunch {time.time() - t0 - killed_at:.0f}s")
-    assert "search/natural: recorded" in out and "search/pgd_at: continuing the interrupted search" in out
-    assert "Trial status" not in out and "Configuration for experiment" not in out  # no Tune tables
+        out = proc.communicate()[0]
+    return out
+
+
+def figures(workdir) -> dict:
+    """The study's table as figures: per method its best values, per seed its test figures, mean and std."""
+    s = json.loads((workdir / "study.json").read_text())
+    return {m: (v["best_params"], [(f["seed"], f["metrics"]) for f in v["final"]], v["mean"], v["std"])
+            for m, v in s["methods"].items()}
+
+
+@pytest.mark.slow
+def test_study_killed_in_each_stage_completes_once_with_the_table_of_an_uninterrupted_study(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    t0 = time.time()
+    done = subprocess.run(study_cmd(whole), cwd=str(REPO), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    t_whole = time.time() - t0
+    assert "Trial status" not in done.stdout and "Configuration for experiment" not in done.stdout  # no Tune tables
+    assert not error_lines(done.stdout + done.stderr), error_lines(done.stdout + done.stderr)
+
+    records = cut / "runs" / "tiny" / "records"
+    count = lambda stage: len(list((records / stage).rglob("*.json"))) if (records / stage).exists() else 0  # noqa: E731
+
+    def in_second_search():  # the natural search recorded, pgd_at's trials under way (Tune saves its state every few s)
+        if not (records / "search" / "natural.json").exists():
+            return False
+        try:
+            runs = runs_of(cut)
+        except Exception:  # the driver may be creating the store
+            return False
+        return any(r.data.tags.get("method") == "pgd_at" and r.data.tags.get("raydistill.kind") == "run" for r in runs)
+
+    t0 = time.time()
+    outs = [kill_when(cut, lambda: in_second_search() and time.sleep(12) is None, "search")]
+    assert not (records / "search" / "pgd_at.json").exists(), outs[-1][-3000:]
+    outs.append(kill_when(cut, lambda: 1 <= count("final"), "final", "--resume"))
+    assert count("final") < 4 and count("eval") == 0, outs[-1][-3000:]
+    outs.append(kill_when(cut, lambda: 1 <= count("eval"), "evaluation", "--resume"))
+    assert count("eval") < 4, outs[-1][-3000:]
+    last = subprocess.run(study_cmd(cut, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=900)
+    out = last.stdout + last.stderr
+    assert last.returncode == 0, (outs, out[-4000:])
+    print(f"study: uninterrupted {t_whole:.0f}s; killed in search, final and evaluation and relaunched: "
+          f"{time.time() - t0:.0f}s in all")
+    assert "search/pgd_at: continuing the interrupted search" in outs[1] and "search/natural: recorded" in outs[1]
+    assert "eval/natural/seed0" in out or "eval/natural/seed1" in out or "eval/pgd_at" in out
     assert not error_lines(out), error_lines(out)
+    assert figures(cut) == figures(whole)  # the same table, figure by figure
 
     # the summary JSON (CONTRACT.md)
-    s = json.loads((workdir / "study.json").read_text())
+    s = json.loads((cut / "study.json").read_text())
     assert s["study"] == "tiny" and s["mlflow_run_id"] and s["report"].endswith("report.md")
     assert set(s["methods"]) == {"natural", "pgd_at"}
     for m, v in s["methods"].items():
@@ -120,19 +154,20 @@ def test_study_killed_in_its_search_completes_with_everything_exactly_once(workd
             assert f["mlflow_run_id"] and f["checkpoint"] and f["n_examples"] == 8
             assert set(f["metrics"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
         assert set(v["mean"]) == set(v["std"]) == {"clean_acc", "pgd20_acc", "aa_acc"}
-    report = (workdir / "runs" / "tiny" / "report.md").read_text()
+    report = (cut / "runs" / "tiny" / "report.md").read_text()
     assert "| natural | small_cnn |" in report and "| pgd_at | small_cnn |" in report and "±" in report
-    assert (workdir / "runs" / "tiny" / "pareto.png").stat().st_size > 1000
+    assert (cut / "runs" / "tiny" / "pareto.png").stat().st_size > 1000
 
     # MLflow: every trial, final run and evaluation exactly once, all FINISHED, under the study's runs
-    runs = runs_of(workdir)
+    runs = runs_of(cut)
     by_id = {r.info.run_id: r for r in runs}
     names = [r.info.run_name for r in runs]
     assert len(names) == len(set(names)), sorted(names)
+    assert len(runs) == len(runs_of(whole))
     study = [r for r in runs if r.data.tags.get("raydistill.kind") == "study"]
     assert len(study) == 1 and study[0].info.run_id == s["mlflow_run_id"]
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
-    exp = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_experiment_by_name("raydistill")
+    exp = MlflowClient(f"sqlite:///{cut}/mlflow.db").get_experiment_by_name("raydistill")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
     def parent(r):
@@ -158,6 +193,6 @@ def test_study_killed_in_its_search_completes_with_everything_exactly_once(workd
     assert len(list(records.rglob("*.json"))) == 2 + 4 + 4
 
     # a relaunch of the finished study redoes nothing
-    again = subprocess.run(study_cmd(workdir, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(study_cmd(cut, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "started" not in again.stdout and len(runs_of(workdir)) == len(runs)
+    assert "started" not in again.stdout and len(runs_of(cut)) == len(runs)

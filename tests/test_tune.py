@@ -47,6 +47,11 @@ def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
     assert "test_aa_acc" in s["best"]["metrics"]  # AutoAttack on the top trial, written back to its run
     best_run = next(r for r in runs if r.info.run_id == s["best"]["mlflow_run_id"])
     assert "test/aa_acc" in best_run.data.metrics
+    # every figure of the top trial's row from AutoAttack's 100 images; the whole split's kept apart
+    assert s["best"]["metrics"]["test_n_examples"] == 100 and best_run.data.metrics["test/n_examples"] == 100
+    assert {"test_clean_acc", "test_fgsm_acc", "test_pgd20_acc", "test_worst_acc"} <= set(s["best"]["metrics"])
+    assert {"test_all/pgd20_acc", "test/pgd20_acc"} <= set(best_run.data.metrics)
+    assert s["best"]["metrics"]["test_worst_acc"] <= s["best"]["metrics"]["test_aa_acc"]
     assert not error_lines(proc.stdout + proc.stderr), error_lines(proc.stdout + proc.stderr)  # quiet, with ASHA stops
 
 
