@@ -77,6 +77,8 @@ def test_report_table_final_runs_only_with_published_figures_and_aa_test(tmp_pat
     assert "49.50 ± 0.50" in row and "| 3 | 5 | 40 (40) | best |" in row
     assert "Jung et al., CVPR 2024 T1: Clean 81.47 (-1.47)" in row and "AA 49.35 (+0.15)" in row
     assert "same first 10000 test images" in text and "| final | 2.0000 |" in text
+    assert "Guidance diagnostics" not in text
+    assert "![diagnostics](diagnostics.png)" in table.markdown(plan, methods, {}, 10000, diagnostics=True)
 
 
 def kill_when(workdir, ready, what: str, *extra: str) -> str:
@@ -101,6 +103,27 @@ def figures(workdir) -> dict:
     s = json.loads((workdir / "study.json").read_text())
     return {m: (v["best_params"], [(f["seed"], f["metrics"]) for f in v["final"]], v["mean"], v["std"])
             for m, v in s["methods"].items()}
+
+
+def test_report_diagnostics_of_the_final_runs(tmp_path):
+    """The study's diagnostics.png: the final runs' per-epoch guidance diagnostics (none: no plot)."""
+    import matplotlib.image as mpimg
+    from test_report import make_run
+
+    from raydistill.study.runner import diagnostics_plot
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("raydistill")
+    finals = {f"final/peeraid/seed{s}": {"mlflow_run_id": make_run(
+        c, exp, "peeraid", "small_cnn", s, {"clean": 0.9}, diagnostics={"val/peer_acc_on_student_adv": [0.5, 0.6 + s / 10]})}
+        for s in (0, 1)}
+    finals["final/pgd_at/seed0"] = {"mlflow_run_id": make_run(c, exp, "pgd_at", "small_cnn", 0, {"clean": 0.9})}
+    assert diagnostics_plot(uri, finals, str(tmp_path / "d.png"))
+    img = mpimg.imread(tmp_path / "d.png")
+    assert img.shape[0] > 300 and img[..., :3].std() > 0.05
+    assert not diagnostics_plot(uri, {"final/pgd_at/seed0": finals["final/pgd_at/seed0"]}, str(tmp_path / "e.png"))
+    assert not (tmp_path / "e.png").exists()
 
 
 @pytest.mark.slow

@@ -136,10 +136,12 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
     s = table.summary(plan, study.parent, report_uri, methods, hours)
     with tempfile.TemporaryDirectory() as tmp:
         files = {"report.md": os.path.join(tmp, "report.md"), "study.json": os.path.join(tmp, "study.json")}
-        with open(files["report.md"], "w") as f:
-            f.write(table.markdown(plan, methods, hours, n_images))
         if table.pareto_plot(methods, os.path.join(tmp, "pareto.png")):
             files["pareto.png"] = os.path.join(tmp, "pareto.png")
+        if diagnostics_plot(study.uri, finals, os.path.join(tmp, "diagnostics.png")):
+            files["diagnostics.png"] = os.path.join(tmp, "diagnostics.png")
+        with open(files["report.md"], "w") as f:
+            f.write(table.markdown(plan, methods, hours, n_images, diagnostics="diagnostics.png" in files))
         write_json(files["study.json"], s)
         for name, local in files.items():
             storage.upload(local, study.path(name))
@@ -151,3 +153,25 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
     tracking.log_batch(study.uri, study.parent, metrics=metrics)
     study.close_stage("report")
     return s
+
+
+def diagnostics_plot(uri: str, finals: dict, path: str) -> bool:
+    """The final runs' guidance diagnostics per epoch (val/peer_acc_on_student_adv...), mean ± std over seeds per
+    method, as the report command draws them; False when no final run logged one."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .. import report, tracking
+
+    ids = [f["mlflow_run_id"] for f in finals.values() if f.get("mlflow_run_id")]
+    if not ids or tracking.is_off(uri):
+        return False
+    c = tracking.client(uri)
+    raw = pd.DataFrame(report.diagnostics_rows(uri, [c.get_run(i) for i in ids]))
+    if raw.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return report.plot_diagnostics(report.diagnostics_summary(raw), report.method_colors(raw), Path(path))

@@ -99,7 +99,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
-def markdown(plan, methods: dict, stage_hours: dict, n_images: int) -> str:
+def markdown(plan, methods: dict, stage_hours: dict, n_images: int, diagnostics: bool = False) -> str:
     from .. import reference
 
     best, tests = aa_tests(methods)
@@ -138,6 +138,10 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int) -> str:
     lines += [f"| {k} | {h:.4f} |" for k, h in stage_hours.items()]
     lines += ["", "Search trials are in MLflow under each search run (tag stage=search); the final runs carry "
               "tag is_final=true.", "", "![clean vs AA](pareto.png)", ""]
+    if diagnostics:
+        lines += ["## Guidance diagnostics per epoch", "", "The final runs' validation diagnostics (e.g. the peer's or "
+                  "teacher's accuracy on the student's adversarial examples), mean over seeds, band ± std.", "",
+                  "![diagnostics](diagnostics.png)", ""]
     return "\n".join(lines)
 
 
