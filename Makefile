@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast venv clean gpu-check gpu-wheels
+.PHONY: quickstart study test test-fast venv clean gpu-check gpu-wheels
 
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,9 @@ venv: $(BIN)/activate
 
 quickstart: $(BIN)/activate
 	$(BIN)/python -m raydistill.quickstart
+
+study: $(BIN)/activate
+	$(BIN)/python -m raydistill.study quickstart --summary-json study.json
 
 test: $(BIN)/activate
 	$(BIN)/python -m pytest -q --durations=25

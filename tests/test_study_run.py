@@ -134,6 +134,7 @@ def test_study_killed_in_each_stage_completes_once_with_the_table_of_an_uninterr
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     t_whole = time.time() - t0
     assert "Trial status" not in done.stdout and "Configuration for experiment" not in done.stdout  # no Tune tables
+    assert "| natural | small_cnn |" in done.stdout and "| pgd_at | small_cnn |" in done.stdout  # the table, printed
     assert not error_lines(done.stdout + done.stderr), error_lines(done.stdout + done.stderr)
 
     records = cut / "runs" / "tiny" / "records"

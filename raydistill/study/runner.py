@@ -140,8 +140,10 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
             files["pareto.png"] = os.path.join(tmp, "pareto.png")
         if diagnostics_plot(study.uri, finals, os.path.join(tmp, "diagnostics.png")):
             files["diagnostics.png"] = os.path.join(tmp, "diagnostics.png")
+        text = table.markdown(plan, methods, hours, n_images, diagnostics="diagnostics.png" in files)
         with open(files["report.md"], "w") as f:
-            f.write(table.markdown(plan, methods, hours, n_images, diagnostics="diagnostics.png" in files))
+            f.write(text)
+        print("\n" + text.split("\n## ")[0], flush=True)  # the table and its notes, on stdout
         write_json(files["study.json"], s)
         for name, local in files.items():
             storage.upload(local, study.path(name))
