@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,10 @@ def test_study_killed_in_each_stage_completes_once_with_the_table_of_an_uninterr
     t_whole = time.time() - t0
     assert "Trial status" not in done.stdout and "Configuration for experiment" not in done.stdout  # no Tune tables
     assert "| natural | small_cnn |" in done.stdout and "| pgd_at | small_cnn |" in done.stdout  # the table, printed
+    # each search ranks by its method's selection: natural by clean accuracy
+    assert "search/natural: done: 2 trials, 2 of 2 trial-epochs, best trial " in done.stdout
+    assert re.search(r"search/natural: done: .*\(val/clean_acc 0\.\d+\)", done.stdout), done.stdout[-3000:]
+    assert re.search(r"search/pgd_at: done: .*\(val/pgd10_acc 0\.\d+\)", done.stdout), done.stdout[-3000:]
     assert not error_lines(done.stdout + done.stderr), error_lines(done.stdout + done.stderr)
 
     records = cut / "runs" / "tiny" / "records"

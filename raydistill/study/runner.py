@@ -70,6 +70,9 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
                 tracking.close_run(uri, run, "KILLED" if stopped else "FAILED", reason)
             except Exception:  # noqa: BLE001 - the store may be the problem
                 pass
+        if stopped:
+            print(f"[study {plan.name}] interrupted: what finished is recorded in {folder}; the same command with "
+                  "--resume continues from there", file=sys.stderr, flush=True)
         if stopped or isinstance(exc, UsageError):
             raise
         print(f"error: the study stopped: {reason}; what finished is recorded: relaunch with --name {plan.name} "

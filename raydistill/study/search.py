@@ -14,8 +14,6 @@ from dataclasses import replace
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-METRIC = "val/pgd10_acc"
-
 
 class BudgetSearcher(Searcher):
     """Suggests trials from ``searcher`` while the budget lasts (see the module's docstring)."""
@@ -61,8 +59,8 @@ class BudgetSearcher(Searcher):
 class Progress(Callback):
     """One line per finished or stopped trial (Tune's own tables are off: verbose=0)."""
 
-    def __init__(self, study, key: str, budget: int, epochs: int):
-        self.study, self.key, self.budget, self.epochs = study, key, budget, epochs
+    def __init__(self, study, key: str, budget: int, epochs: int, metric: str = "val/pgd10_acc"):
+        self.study, self.key, self.budget, self.epochs, self.metric = study, key, budget, epochs, metric
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "finished" if "test/clean_acc" in (trial.last_result or {}) else "stopped (ASHA)")
@@ -72,7 +70,7 @@ class Progress(Callback):
 
     def _line(self, trial, what: str) -> None:
         r = trial.last_result or {}
-        val = f", val pgd10 {r[METRIC]:.4f}" if METRIC in r else ""
+        val = f", {self.metric} {r[self.metric]:.4f}" if self.metric in r else ""
         self.study.event(f"{self.key}: trial {trial.trial_id} {what} after {int(r.get('epoch', 0))} of "
                          f"{self.epochs} epochs{val} (budget {self.budget} trial-epochs)")
 
@@ -104,10 +102,12 @@ def run_search(study, run, teachers: dict) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     from .. import search_space, tracking
+    from ..methods import selected_by
     from ..train import cpus_each
-    from ..tune import collect, make_searcher
+    from ..tune import best_score, collect, make_searcher
 
     d, method = run.detail, run.method
+    metric = selected_by(method)  # what picks the method's checkpoint ranks its trials: val/pgd10_acc, natural val/clean_acc
     name = f"search-{method}"
     root = study.path("tune")
     exp_path = study.path("tune", name)
@@ -127,7 +127,7 @@ def run_search(study, run, teachers: dict) -> dict:
         run_trial, run=run, teachers=teachers, space_path=str(space.path), parent_run_id=parent,
         prefix=f"{study.plan.name}-{method}", folder=study.path("runs", "search", method), place=place, tags=tags),
         {"cpu": 0, "memory": 64 * 1024**2})
-    progress = Progress(study, run.key, d["trial_epochs"], d["epochs"])
+    progress = Progress(study, run.key, d["trial_epochs"], d["epochs"], metric)
     t0 = time.time()
     if tune.Tuner.can_restore(exp_path):
         study.event(f"{run.key}: continuing the interrupted search")
@@ -135,9 +135,9 @@ def run_search(study, run, teachers: dict) -> dict:
     else:
         scheduler = None
         if d["scheduler"] == "asha":
-            scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch", max_t=d["epochs"] + 1,
+            scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="epoch", max_t=d["epochs"] + 1,
                                       grace_period=d["grace_period"], reduction_factor=2)
-        searcher = BudgetSearcher(make_searcher(space, [METRIC], d["sampler"], d["seed"]), d["trial_epochs"], d["epochs"])
+        searcher = BudgetSearcher(make_searcher(space, [metric], d["sampler"], d["seed"]), d["trial_epochs"], d["epochs"])
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=max(d["max_trials"], 1),
             max_concurrent_trials=d["max_concurrent"]),
@@ -159,8 +159,7 @@ def run_search(study, run, teachers: dict) -> dict:
         tracking.delete_runs(study.uri, orphans)
         study.event(f"{run.key}: deleted {len(orphans)} MLflow run(s) of trials the interrupted attempt never recorded")
     ok = [t for t in trials if t["status"] in ("COMPLETED", "STOPPED")]
-    best = max(ok, key=lambda t: t["metrics"].get("val_best_pgd10_acc", t["metrics"].get("val_pgd10_acc", -1.0)),
-               default=None)
+    best = max(ok, key=lambda t: best_score(t, -1.0), default=None)  # its kept checkpoint's selection accuracy
     if best is None:
         tracking.close_run(study.uri, parent, "FAILED", "no trial of the search finished")
         raise RuntimeError(f"{run.key}: no trial finished: {trials[0]['error'] if trials else 'no trials ran'}")
@@ -172,7 +171,7 @@ def run_search(study, run, teachers: dict) -> dict:
                        tags={"best_trial": best["trial_id"]})
     tracking.close_run(study.uri, parent, "FINISHED")
     study.event(f"{run.key}: done: {len(trials)} trials, {spent} of {d['trial_epochs']} trial-epochs, best trial "
-                f"{best['trial_id']} (val pgd10 {best['metrics'].get('val_best_pgd10_acc', float('nan')):.4f}), "
+                f"{best['trial_id']} ({metric} {best_score(best, float('nan')):.4f}), "
                 f"{time.time() - t0:.0f}s")
     import optuna
 
