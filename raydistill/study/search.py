@@ -71,6 +71,8 @@ class Progress(Callback):
     def _line(self, trial, what: str) -> None:
         r = trial.last_result or {}
         val = f", {self.metric} {r[self.metric]:.4f}" if self.metric in r else ""
+        if "val/best_acc" in r:  # what ranks the trial: its kept checkpoint's
+            val += f" (best epoch {r['val/best_acc']:.4f})"
         self.study.event(f"{self.key}: trial {trial.trial_id} {what} after {int(r.get('epoch', 0))} of "
                          f"{self.epochs} epochs{val} (budget {self.budget} trial-epochs)")
 
