@@ -130,7 +130,7 @@ def test_cli_logs_worst_case_and_per_image_artifact_to_mlflow(pgd_at, tmp_path):
 
 def test_bad_evaluation_options_are_one_error_line(pgd_at, tmp_path):
     ckpt, _, _ = pgd_at
-    for args, needle in [(["--workers", "-1"], "--workers"), (["--gpus-per-worker", "1"], "needs --workers"),
+    for args, needle in [(["--workers", "-1"], "--workers"), (["--gpus-per-worker", "1"], "need --workers"), (["--cpus-per-worker", "1"], "need --workers"),
                          (["--workers", "2", "--device", "cpu"], "--device"), (["--attacks", "zero_grad"], "zero_grad")]:
         assert_one_error_line(cli("evaluate", ckpt, "--storage-path", str(tmp_path), *args), needle)
     assert not (tmp_path / "evaluations").exists()

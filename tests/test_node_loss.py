@@ -180,6 +180,12 @@ def no_driver_left():
     Driver.started.clear()
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A suite started in the background (``cmd &``) hands its children SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: the driver gets SIGINT's default, as a command typed at a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """``python -m raydistill.train`` on the cluster, as a user runs it (hooks as in conftest.train_with_hooks)."""
 
@@ -195,7 +201,7 @@ class Driver:
                 "--tracking-uri", self.uri, "--name", name, *args]
         self.proc = subprocess.Popen([sys.executable, "-c", code, pickle.dumps(list(hooks)).hex(), *argv],
                                      stdout=open(self.out, "w"), stderr=open(self.err, "w"), cwd=str(REPO),
-                                     env=cluster.env)
+                                     env=cluster.env, preexec_fn=_ctrl_c_as_at_a_terminal)
         Driver.started.append(self)
 
     def wait(self, timeout: float = 600) -> int:

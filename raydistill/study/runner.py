@@ -172,8 +172,7 @@ def diagnostics_plot(uri: str, finals: dict, path: str) -> bool:
     ids = [f["mlflow_run_id"] for f in finals.values() if f.get("mlflow_run_id")]
     if not ids or tracking.is_off(uri):
         return False
-    c = tracking.client(uri)
-    raw = pd.DataFrame(report.diagnostics_rows(uri, [c.get_run(i) for i in ids]))
+    raw = pd.DataFrame(report.diagnostics_rows(uri, tracking.get_runs(uri, ids)))
     if raw.empty:
         return False
     import matplotlib

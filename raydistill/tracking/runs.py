@@ -255,6 +255,12 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], folder: st
         c.log_artifact(run_id, str(path), artifact_path=folder)
 
 
+def get_runs(uri: str, run_ids: Iterable[str]) -> list:
+    """MLflow's run objects of ``run_ids`` (tags, params, latest metrics), in that order."""
+    c = client(uri)
+    return [c.get_run(i) for i in run_ids]
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list:
     """Every logged value of ``key`` (objects with ``step``, ``value`` and ``timestamp``)."""
     return client(uri).get_metric_history(run_id, key)
