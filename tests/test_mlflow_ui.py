@@ -34,13 +34,17 @@ def server(tmp_path):
     """A tracking server on 127.0.0.1 over a sqlite store holding a few raydistill-shaped runs."""
     from mlflow.tracking import MlflowClient
 
+    from raydistill import tracking
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri)
-    exp = c.create_experiment("raydistill")
-    for name in RUN_NAMES:
-        method, arch, seed = name.rsplit("-", 2)
-        make_run(c, exp, method, arch, int(seed[1:]), {"clean": 0.8, "pgd20": 0.4}, workers=2,
-                 diagnostics={"val/pgd10_acc": [0.3, 0.35, 0.4]}, name=name)
+    exp = c.create_experiment("raydistill")  # as MLflow creates one: no experiment kind
+    ours = tracking.experiment_id(c, "study")  # as raydistill creates one: a model-training experiment
+    for e in (exp, ours):
+        for name in RUN_NAMES:
+            method, arch, seed = name.rsplit("-", 2)
+            make_run(c, e, method, arch, int(seed[1:]), {"clean": 0.8, "pgd20": 0.4}, workers=2,
+                     diagnostics={"val/pgd10_acc": [0.3, 0.35, 0.4]}, name=name)
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -59,7 +63,8 @@ def server(tmp_path):
                 if proc.poll() is not None or time.time() > deadline:
                     pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(1)
-        yield f"{url}/#/experiments/{exp}/runs"
+        yield {"runs": f"{url}/#/experiments/{exp}/runs", "plain": f"{url}/#/experiments/{exp}",
+               "ours": f"{url}/#/experiments/{ours}", "link": tracking.ui_link(url, "study")}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started (its own session)
         try:
@@ -82,7 +87,7 @@ def test_experiment_page_lists_the_runs(server, tmp_path):
     from PIL import Image, ImageStat
 
     shot = tmp_path / "mlflow-ui.png"
-    proc = chromium(tmp_path, server, f"--screenshot={shot}")
+    proc = chromium(tmp_path, server["runs"], f"--screenshot={shot}")
     assert shot.exists(), proc.stderr[-3000:]
     assert shot.stat().st_size > 20_000
     with Image.open(shot) as img:
@@ -90,6 +95,18 @@ def test_experiment_page_lists_the_runs(server, tmp_path):
         assert max(ImageStat.Stat(img.convert("RGB")).stddev) > 20  # not a blank page
     print(f"screenshot: {shot}")
 
-    dom = chromium(tmp_path, server, "--dump-dom").stdout
+    dom = chromium(tmp_path, server["runs"], "--dump-dom").stdout
     for name in RUN_NAMES:
         assert name in dom, f"{name} is not on the experiment page"
+
+
+def test_the_link_raydistill_prints_opens_the_experiment_on_its_runs(server, tmp_path):
+    """MLflow 3.17 opens an experiment on its GenAI overview (no runs listed), whatever its kind tag
+    (raydistill sets mlflow.experimentKind=custom_model_development, which earlier MLflow 3 UIs follow); the link
+    raydistill prints (tracking.ui_link: workflowType=machine_learning) opens on its runs table."""
+    plain = chromium(tmp_path, server["ours"], "--dump-dom").stdout
+    assert server["link"].startswith(server["ours"] + "?")
+    ours = chromium(tmp_path, server["link"], "--dump-dom").stdout
+    assert not any(name in plain for name in RUN_NAMES), "MLflow's experiment page now opens on its runs"
+    for name in RUN_NAMES:
+        assert name in ours, f"{name} is not on the page the link opens"

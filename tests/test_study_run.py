@@ -136,6 +136,7 @@ def test_study_killed_in_each_stage_completes_once_with_the_table_of_an_uninterr
     t_whole = time.time() - t0
     assert "Trial status" not in done.stdout and "Configuration for experiment" not in done.stdout  # no Tune tables
     assert "| natural | small_cnn |" in done.stdout and "| pgd_at | small_cnn |" in done.stdout  # the table, printed
+    assert "then http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning" in done.stdout  # the UI on its runs
     # each search ranks by its method's selection: natural by clean accuracy
     assert "search/natural: done: 2 trials, 2 of 2 trial-epochs, best trial " in done.stdout
     assert re.search(r"search/natural: done: .*\(val/clean_acc 0\.\d+\)", done.stdout), done.stdout[-3000:]

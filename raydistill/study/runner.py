@@ -117,7 +117,7 @@ def _stages(study) -> dict:
     study.event(f"stage evaluation: done ({len(evals)} evaluations, {time.time() - t:.0f}s this session)")
     s = report(study, searches, finals, evals, teachers)
     tracking.close_run(study.uri, study.parent, "FINISHED")
-    study.event(f"done: report {s['report']}")
+    study.event(f"done: report {s['report']}; MLflow UI: {tracking.ui_link(study.uri, study.experiment)}")
     return s
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from .runs import (FAILURE_TAG, KIND_EVAL, KIND_REPORT, KIND_RUN, KIND_SEARCH, KIND_TAG, NAME_TAG, OFF, PARENT_TAG,
                    RUN_NAME_TAG, check_reachable, is_off, client, close_run, delete_runs, existing_experiment, experiment_id, find_runs, get_runs,
-                   log_artifacts, log_batch, metric_history, open_run, open_store, resolve_uri, run_exists)
+                   log_artifacts, log_batch, metric_history, open_run, open_store, resolve_uri, run_exists, ui_link)
 from .training import EpochLogger, log_checkpoint, log_curves, log_resolved, repair_trial, start_run, start_search
 
 __all__ = ["FAILURE_TAG", "KIND_EVAL", "KIND_REPORT", "KIND_RUN", "KIND_SEARCH", "KIND_TAG", "NAME_TAG", "OFF", "PARENT_TAG",
            "RUN_NAME_TAG", "EpochLogger", "check_reachable", "is_off", "client", "close_run", "delete_runs", "existing_experiment",
            "experiment_id", "find_runs", "get_runs", "log_artifacts", "log_batch", "log_checkpoint", "log_curves",
            "log_resolved", "metric_history", "open_run", "open_store", "repair_trial", "resolve_uri", "run_exists",
-           "start_run", "start_search"]
+           "start_run", "start_search", "ui_link"]

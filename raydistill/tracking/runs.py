@@ -255,6 +255,17 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[str | Path], folder: st
         c.log_artifact(run_id, str(path), artifact_path=folder)
 
 
+def ui_link(uri: str, experiment: str) -> str:
+    """Where the MLflow UI shows ``experiment``'s runs table. MLflow 3.17's UI opens an experiment as its sidebar's
+    workflow type says (GenAI by default: its traces overview, no runs); ``workflowType=machine_learning`` opens the
+    runs. For a tracking server the whole URL, else the `mlflow ui` command and the page on its default port."""
+    exp = client(uri).get_experiment_by_name(experiment)
+    page = f"#/experiments/{exp.experiment_id}?workflowType=machine_learning" if exp else "?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def get_runs(uri: str, run_ids: Iterable[str]) -> list:
     """MLflow's run objects of ``run_ids`` (tags, params, latest metrics), in that order."""
     c = client(uri)
