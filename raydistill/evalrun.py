@@ -7,8 +7,7 @@ The evaluation's folder (``<storage>/evaluations/<name>``, local or s3:// / gs:/
   number of images). A relaunch with other settings under the same name is refused.
 * ``units/<attack>/chunk-NNNNN.parquet``: the per-image results of one attack on one chunk (``index``,
   ``correct`` and what the attack adds, e.g. AutoAttack's ``aa_stage``), plus the ``launch`` that made it.
-  Written by the driver (atomically: a local file is renamed into place, an object store's PUT is whole)
-  the moment the unit finishes.
+  Written by the driver (whole: ``storage.write_bytes``) the moment the unit finishes.
 * ``per_image.parquet``: every image's results side by side, and its worst case, written at the end.
 
 A chunk's results do not depend on the process that attacks it (raydistill.evaluation: its randomness is
@@ -78,13 +77,13 @@ class ResultStore:
         manifest = storage.join(self.folder, MANIFEST)
         want = {"format": FORMAT, "spec": asdict(self.spec), "key": self.spec.key(), "checkpoint": checkpoint}
         if storage.exists(manifest):
-            have = json.loads(_read_bytes(manifest))
+            have = json.loads(storage.read_bytes(manifest))
             if have.get("key") != want["key"]:
                 diff = [k for k in want["spec"] if have.get("spec", {}).get(k) != want["spec"][k]]
                 raise UsageError(f"evaluation '{self.folder}' holds another evaluation (it differs in "
                                  f"{', '.join(diff) or 'format'}); give another --name or delete that folder")
             return
-        _write_bytes(manifest, (json.dumps(want, indent=2) + "\n").encode())
+        storage.write_bytes(manifest, (json.dumps(want, indent=2) + "\n").encode())
 
     def unit_uri(self, attack: str, chunk: int) -> str:
         return storage.join(self.folder, UNITS, attack, f"chunk-{chunk:05d}.parquet")
@@ -118,40 +117,19 @@ class ResultStore:
 
 
 def _write_table(uri: str, table) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs_, path = storage.filesystem(uri)
-    if storage.is_remote(uri):  # an object store's PUT is whole: readers see all of it or nothing
-        fs_.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs_)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
 
 
 def _read_table(uri: str):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs_, path = storage.filesystem(uri)
-    return pq.read_table(path, filesystem=fs_)
-
-
-def _read_bytes(uri: str) -> bytes:
-    fs_, path = storage.filesystem(uri)
-    with fs_.open_input_stream(path) as fh:
-        return fh.read()
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs_, path = storage.filesystem(uri)
-    if not storage.is_remote(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    else:
-        fs_.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs_.open_output_stream(path) as fh:
-        fh.write(data)
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
 
 
 # ============================================================================= running the units

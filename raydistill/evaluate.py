@@ -129,7 +129,7 @@ def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict, 
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "per_image.parquet"
-            local.write_bytes(evalrun._read_bytes(per_image))
+            local.write_bytes(storage.read_bytes(per_image))
             (Path(tmp) / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
             tracking.log_artifacts(uri, run_id, [local, Path(tmp) / "evaluation.json"], "evaluation")
     if new_run:

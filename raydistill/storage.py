@@ -118,6 +118,35 @@ def list_dir(uri: str) -> list[tuple[str, bool]]:
     return sorted((i.base_name, i.type == FileType.Directory) for i in infos)
 
 
+def read_bytes(uri: str) -> bytes:
+    """The whole file ``uri`` (any filesystem); FileNotFoundError when it is not there."""
+    fs_, path = filesystem(uri)
+
+    def read() -> bytes:
+        with fs_.open_input_stream(path) as fh:
+            return fh.read()
+    return _call(uri, read)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write the file ``uri`` whole: readers see all of it or none (a local file is written beside and renamed
+    into place; an object store's PUT is whole). Its folder is created."""
+    fs_, path = filesystem(uri)
+    if is_remote(uri):
+        _call(uri, lambda: fs_.create_dir(path.rsplit("/", 1)[0], recursive=True))
+
+        def put() -> None:
+            with fs_.open_output_stream(path) as fh:
+                fh.write(data)
+        _call(uri, put)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 def delete_dir(uri: str) -> None:
     fs_, path = filesystem(uri)
     with contextlib.suppress(FileNotFoundError):

@@ -7,9 +7,7 @@ run that has one. Records are the study's own account; MLflow mirrors them.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,32 +34,14 @@ class Study:
 
     def record(self, key: str) -> dict | None:
         """The record of run ``key``, or None when it has not finished."""
-        path = self.record_path(key)
-        if storage.is_remote(path):
-            if not storage.exists(path):
-                return None
-            return json.loads(storage.local_copy(path, "study record").read_text())
         try:
-            with open(path) as f:
-                return json.load(f)
+            return json.loads(storage.read_bytes(self.record_path(key)))
         except FileNotFoundError:
             return None
 
     def write_record(self, key: str, obj: dict) -> None:
-        path = self.record_path(key)
         text = json.dumps({"key": key, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **obj}, indent=2, default=str)
-        if storage.is_remote(path):
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "record.json")
-                with open(local, "w") as f:
-                    f.write(text)
-                storage.upload(local, path)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        storage.write_bytes(self.record_path(key), text.encode())
 
     # ------------------------------------------------------------------ places and tags
     def path(self, *parts: str) -> str:
