@@ -283,17 +283,19 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     return x_adv.detach()
 
 
+AA_STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")  # what fooled an image first (autoattack_stages)
+
+
 def autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, seed: int = 0,
                       verbose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard AutoAttack on one batch, one component at a time: ``(x_adv, stage)``, where ``stage[i]``
-    is the index in ``("clean", "apgd-ce", "apgd-t", "fab-t", "square")`` of what fooled image i first
+    is the index in ``AA_STAGES`` of what fooled image i first
     (0: misclassified clean) or -1 when nothing did.
 
     Each component attacks the images that every earlier one left correct, as one batch, with the same
     seed, so ``x_adv`` and the final robust set equal ``autoattack(..., batch_size=len(x))``'s image by
     image (tests/test_evaluation_scale.py checks it against pyautoattack called directly).
     """
-    stages = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
     x, y = x.detach().float(), y.detach().long()
     stage = torch.full((x.shape[0],), -1, dtype=torch.int8, device=x.device)
     with torch.no_grad():
@@ -314,7 +316,7 @@ def autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
                 fooled = ~_correct(model, adv, y[idx])
             x_adv[idx[fooled]] = adv[fooled]
             robust[idx[fooled]] = False
-            stage[idx[fooled]] = stages.index(component)
+            stage[idx[fooled]] = AA_STAGES.index(component)
     return x_adv.detach(), stage
 
 

@@ -42,7 +42,7 @@ from .registry import Registry
 
 Progress = Callable[[str, int, int, float], None]  # (attack, batches done, batches total, seconds elapsed)
 Columns = dict[str, torch.Tensor]  # per-image results of one attack on one chunk, e.g. {"correct": bool[N]}
-AA_STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")  # aa_stage codes: index here; -1 = never fooled
+AA_STAGES = A.AA_STAGES  # aa_stage codes: index here; -1 = never fooled
 
 
 @dataclass(frozen=True)
