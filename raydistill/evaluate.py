@@ -114,12 +114,7 @@ def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict, 
                                    tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}, reuse=False)
     params = {"test/eps": summary["eps"], "test/step_size": summary["step_size"], "test/n_examples": summary["n_examples"],
               "test/attacks": ",".join(summary["attacks"]), "test/checkpoint": summary["checkpoint"][:500]}
-    metrics = {f"test/{k}": v for k, v in summary["metrics"].items()}
-    if summary.get("worst_acc") is not None:
-        metrics["test/worst_acc"] = summary["worst_acc"]
-    metrics.update({f"test/aa_{k.replace('-', '_')}_acc": v for k, v in summary.get("aa_components", {}).items()})
-    metrics.update({f"sanity/{k}": v for k, v in summary.get("sanity", {}).items()})
-    clash = tracking.log_batch(uri, run_id, metrics=metrics, params=params,
+    clash = tracking.log_batch(uri, run_id, metrics=mlflow_metrics(summary), params=params,
                                tags={"masking_flags": ",".join(summary["masking_flags"]) or "none"}
                                if summary.get("masking_flags") is not None else None)
     if clash:
@@ -224,6 +219,38 @@ def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[
         summary.update(masking_flags=[f.check for f in findings if f.failed], sanity=figures,
                        sanity_messages={f.check: f.message for f in findings})
     return summary
+
+
+def mlflow_metrics(summary: dict) -> dict[str, float]:
+    """A ``run_evaluation`` summary's figures as MLflow metrics: ``test/<attack>_acc``, ``test/worst_acc``,
+    ``test/aa_<component>_acc`` and, after --sanity, ``sanity/*``."""
+    metrics = {f"test/{k}": v for k, v in summary["metrics"].items()}
+    if summary.get("worst_acc") is not None:
+        metrics["test/worst_acc"] = summary["worst_acc"]
+    metrics.update({f"test/aa_{k.replace('-', '_')}_acc": v for k, v in (summary.get("aa_components") or {}).items()})
+    metrics.update({f"sanity/{k}": v for k, v in (summary.get("sanity") or {}).items()})
+    return metrics
+
+
+def evaluate_on_cluster(checkpoint: str, attacks: list[str], *, storage_path: str, name: str,
+                        n_examples: int | None = None, eps: float | None = None, step_size: float | None = None,
+                        batch_size: int = 256, quiet: bool = False) -> dict:
+    """``run_evaluation`` of one of this project's checkpoints on its dataset's test split, sharded over the Ray
+    cluster this driver is connected to (one worker per GPU, else per CPU); eps and step size default to the
+    checkpoint's. Tune's top-k AutoAttack and a study's evaluations."""
+    import ray
+
+    from .checkpoint import load_model
+    from .data import load_dataset
+
+    res = ray.cluster_resources()
+    workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
+    model, meta = load_model(checkpoint, "cpu")
+    data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
+    return run_evaluation(checkpoint, model, data, attacks, eps=meta["eps"] if eps is None else eps,
+                          step_size=meta["step_size"] if step_size is None else step_size, n_examples=n_examples,
+                          batch_size=batch_size, workers=workers, storage_path=storage_path, name=name,
+                          dataset=meta["dataset"], quiet=quiet)
 
 
 @cli_entry

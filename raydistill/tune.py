@@ -258,27 +258,18 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
     first ``n`` test images, so that every figure of the trial's row comes from the same images: they replace
     the trial's test figures (``test_n_examples`` says how many images; the run's figures on the whole test
     split stay in MLflow as ``test_all/*``). Returns one line per trial whose AutoAttack failed."""
-    import ray
-
     from . import tracking
-    from .checkpoint import load_model
-    from .data import load_dataset
-    from .evaluate import run_evaluation
+    from .evaluate import evaluate_on_cluster, mlflow_metrics
     from .train import root_cause
 
     done = [t for t in trials if t["status"] == "COMPLETED" and t["checkpoint"]]
     done.sort(key=lambda t: best_score(t, 0.0), reverse=True)
-    res = ray.cluster_resources()
-    workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
-    attacks = [a for a in dict.fromkeys([*(cfg.test_attacks or ["clean", "fgsm", "pgd20"]), "aa"])]
+    attacks = list(dict.fromkeys([*cfg.test_attacks, "aa"]))
     failed = []
     for t in done[:k]:
         try:
-            model, meta = load_model(t["checkpoint"], "cpu")
-            data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
-            s = run_evaluation(t["checkpoint"], model, data, attacks, eps=meta["eps"], step_size=meta["step_size"],
-                               n_examples=n, workers=workers, storage_path=folder, name=f"trial-{t['trial_id']}",
-                               dataset=meta["dataset"])
+            s = evaluate_on_cluster(t["checkpoint"], attacks, n_examples=n, storage_path=folder,
+                                    name=f"trial-{t['trial_id']}")
         except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
             t["error"] = f"AutoAttack: {root_cause(exc)}"
             failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")
@@ -291,13 +282,10 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
         m.update({f"test_{key}": v for key, v in s["metrics"].items()})
         m.update(test_worst_acc=s["worst_acc"], test_n_examples=s["n_examples"])
         if t["mlflow_run_id"]:
-            uri = cfg.placement.tracking_uri
-            tracking.log_batch(uri, t["mlflow_run_id"], metrics={
+            tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={
                 **{f"test_all/{key[5:]}": v for key, v in whole.items() if isinstance(v, (int, float))},
-                **{f"test/{key}": v for key, v in s["metrics"].items()}, "test/worst_acc": s["worst_acc"],
-                "test/n_examples": s["n_examples"],
-                **{f"test/aa_{c.replace('-', '_')}_acc": v for c, v in s["aa_components"].items()}})
-        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {workers} workers; "
+                **mlflow_metrics(s), "test/n_examples": s["n_examples"]})
+        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {s['workers']} workers; "
               f"its other test figures on the same images): {s['metrics']['aa_acc']:.4f}", flush=True)
     return failed
 

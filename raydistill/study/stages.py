@@ -110,16 +110,10 @@ def _m(metrics: dict) -> str:
 
 def run_evaluations(study, stage, finals: dict) -> dict[str, dict]:
     """Every final run's best checkpoint attacked on the same first n_examples test images; key -> record."""
-    import ray
-
     from .. import tracking
-    from ..checkpoint import load_model
-    from ..data import load_dataset
-    from ..evaluate import run_evaluation
+    from ..evaluate import evaluate_on_cluster, mlflow_metrics
 
     out = {}
-    res = ray.cluster_resources()
-    workers = int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
     for run in stage.runs:
         rec = study.record(run.key)
         if rec is not None:
@@ -128,17 +122,13 @@ def run_evaluations(study, stage, finals: dict) -> dict[str, dict]:
         final = finals[run.needs[0]]
         d = run.detail
         t0 = time.time()
-        model, meta = load_model(final["checkpoint"], "cpu")
-        data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
-        s = run_evaluation(final["checkpoint"], model, data, list(d["attacks"]), eps=d["eps"], step_size=d["step_size"],
-                           n_examples=d["n_examples"], batch_size=d["batch_size"], workers=workers,
-                           storage_path=study.folder, name=run.key.replace("/", "-"), dataset=meta["dataset"],
-                           quiet=True)
+        s = evaluate_on_cluster(final["checkpoint"], list(d["attacks"]), eps=d["eps"], step_size=d["step_size"],
+                                n_examples=d["n_examples"], batch_size=d["batch_size"], storage_path=study.folder,
+                                name=run.key.replace("/", "-"), quiet=True)
         wall = time.time() - t0
         seed = final["seed"]
         tags = study.tags("evaluation", run.method, seed)  # is_final=true: the final training runs only
-        metrics = {f"test/{k}": v for k, v in s["metrics"].items()}
-        metrics.update({f"test/aa_{c.replace('-', '_')}_acc": v for c, v in (s.get("aa_components") or {}).items()})
+        metrics = mlflow_metrics(s)
         eval_run = tracking.open_run(study.uri, study.experiment, f"{study.plan.name}/{run.key}", tracking.KIND_EVAL,
                                      tags={**tags, "final_run": final.get("mlflow_run_id") or ""},
                                      parent=study.stage_run("evaluation"),
@@ -152,7 +142,7 @@ def run_evaluations(study, stage, finals: dict) -> dict[str, dict]:
         rec = {"method": run.method, "seed": seed, "final": run.needs[0], "checkpoint": final["checkpoint"],
                "mlflow_run_id": eval_run, "metrics": s["metrics"], "aa_components": s.get("aa_components"),
                "n_examples": s["n_examples"], "worst_acc": s["worst_acc"], "per_image": s["per_image"],
-               "evaluation": s["evaluation"], "wall_time_s": round(wall, 2), "device_hours": wall * workers / 3600}
+               "evaluation": s["evaluation"], "wall_time_s": round(wall, 2), "device_hours": wall * s["workers"] / 3600}
         study.write_record(run.key, rec)
         out[run.key] = rec
         study.event(f"{run.key}: done on {s['n_examples']} test images: {_m(s['metrics'])} ({wall:.0f}s)")
