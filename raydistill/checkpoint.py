@@ -52,9 +52,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """Load a torch file (or a checkpoint folder's model.pt; local or remote: s3://, gs://) with
-    weights_only=True; any failure is a one-line UsageError."""
+def local_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """The local torch file of ``path``: the file itself or a checkpoint folder's model.pt, a remote one
+    (s3://, gs://) through the local cache; a missing one is a one-line UsageError."""
     from . import storage
 
     if storage.is_remote(path):  # read through the local cache (raydistill.storage)
@@ -73,6 +73,13 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         path = path / MODEL_FILE
         if not path.exists():
             raise UsageError(f"{what} folder '{path.parent}' has no {MODEL_FILE}; give a raydistill checkpoint folder or a .pt/.pth file")
+    return path
+
+
+def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Load a torch file (or a checkpoint folder's model.pt; local or remote: s3://, gs://) with
+    weights_only=True; any failure is a one-line UsageError."""
+    path = local_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -164,19 +164,6 @@ def default_name(checkpoint: str, spec: evalrun.EvalSpec) -> str:
     return f"{label}-{spec.key()}"
 
 
-def model_file(path: str) -> Path:
-    """The local file of a checkpoint (a folder's model.pt; a remote one through the cache)."""
-    from .checkpoint import MODEL_FILE
-
-    if storage.is_remote(path):
-        uri = path.rstrip("/")
-        if storage.is_dir(uri):
-            uri = storage.join(uri, MODEL_FILE)
-        return storage.local_copy(uri, "checkpoint")
-    p = Path(path)
-    return p / MODEL_FILE if p.is_dir() else p
-
-
 def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[str], *, eps: float, step_size: float,
                    n_examples: int | None = None, batch_size: int = 256, seed: int = 0, workers: int = 0,
                    gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, device: torch.device | None = None, sanity: bool = False,
@@ -186,12 +173,13 @@ def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[
     results stored as they finish under ``<storage>/evaluations/<name>`` (a relaunch continues), sharded
     over ``workers`` Ray workers (0: in this process). Returns the summary (see the module's docstring)."""
     from . import sanity as masking
+    from .checkpoint import local_file
     from .evaluation import check_settings
 
     check_settings(eps, step_size, batch_size)
     n = len(data.test_y) if n_examples is None else min(n_examples, len(data.test_y))
     run = list(dict.fromkeys(attacks + (list(masking.ATTACKS) if sanity else [])))
-    spec = evalrun.EvalSpec(evalrun.file_sha256(model_file(checkpoint)), dataset, float(eps), float(step_size),
+    spec = evalrun.EvalSpec(evalrun.file_sha256(local_file(checkpoint)), dataset, float(eps), float(step_size),
                             int(seed), int(batch_size), int(n))
     folder = storage.join(storage.root(storage_path), "evaluations", name or default_name(checkpoint, spec))
     store = evalrun.ResultStore(folder, spec)
