@@ -13,8 +13,11 @@ parser (type and valid range) and its help, so the command-line parsers of train
 place. :func:`resolve` merges the layers once, lowest to highest:
 
     global defaults (the fields) < dataset defaults (``data.DATASETS``) < the method's settings and
-    hyperparameter defaults < the method's paper preset for the dataset < ``--preset NAME``
+    hyperparameter defaults < the method's paper preset for the dataset < its preset for the dataset
+    and student architecture ("cifar10/wrn34_10", where the paper says so) < ``--preset NAME``
     < explicit flags and ``--set NAME=VALUE`` < a search trial's sampled values
+
+(:func:`preset_keys`; the configuration records the method's preset keys it got, ``method_presets``)
 
 and checks every value (types, ranges, names, files) before anything is created, so bad input is
 one ``error:`` line.
@@ -149,6 +152,8 @@ class TrainConfig:
     test_attacks: list = opt(None, _attacks, "run", "final test attacks (default clean,fgsm,pgd20)",
                              factory=lambda: ["clean", "fgsm", "pgd20"])
     preset: str | None = opt(None, group="run", help=f"named settings: {', '.join(PRESETS)}")
+    # the method's preset keys resolve() applied, in order ("cifar10", "cifar10/wrn34_10"): set by resolve only
+    method_presets: list = opt(None, None, factory=list)
     placement: Placement = opt(None, None, factory=Placement)
 
     def to_dict(self) -> dict:
@@ -229,6 +234,12 @@ def build_config(method: str, args: argparse.Namespace, extra_hp: dict | None = 
 
 
 # ----------------------------------------------------------------------------- the layers
+def preset_keys(presets: Mapping[str, Any], dataset: str, student: str) -> list[str]:
+    """The keys of a method's ``presets`` that a run on ``dataset`` with ``student`` gets, in the order they
+    apply: the dataset's, then the dataset and student architecture's ("cifar10", "cifar10/wrn34_10")."""
+    return [k for k in (dataset, f"{dataset}/{student}") if k in presets]
+
+
 def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str, Any] | None = None,
             trial: Mapping[str, Any] | None = None) -> TrainConfig:
     """Merge the layers into one validated, frozen TrainConfig (raises UsageError).
@@ -247,10 +258,13 @@ def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str
         raise UsageError(f"unknown preset '{name}'; choose from: {', '.join(PRESETS)}")
     preset = dict(PRESETS.get(name or "", {}))
     dataset = flags.get("dataset") or preset.get("dataset") or EXPERIMENT_FIELDS["dataset"].default
-    paper = dict(cls.presets.get(dataset, {}))
-    settings: dict[str, Any] = {}
+    below = (DATASETS.get(dataset).defaults, cls.settings, cls.presets.get(dataset, {}), preset)
+    student = flags.get("student") or next((layer["student"] for layer in reversed(below) if "student" in layer),
+                                           EXPERIMENT_FIELDS["student"].default)
+    keys = preset_keys(cls.presets, dataset, student)
+    settings: dict[str, Any] = {"method_presets": keys}
     hps: dict[str, Any] = dict(cls.hparams)
-    for layer in (DATASETS.get(dataset).defaults, cls.settings, paper, preset):
+    for layer in (DATASETS.get(dataset).defaults, cls.settings, *(cls.presets[k] for k in keys), preset):
         hps.update(layer.get("hp", {}))
         settings.update({k: v for k, v in layer.items() if k != "hp"})
     settings.update({k: v for k, v in flags.items() if k in EXPERIMENT_FIELDS})

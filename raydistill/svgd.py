@@ -34,7 +34,8 @@ How the paper's garbled Eq. 2 is read here, and why:
   independent PGD runs from random starts. ``sigma=None`` (the default of the methods) uses Liu &
   Wang's median heuristic per input, 2σ² = med_{i≠j} ||x'_i - x'_j||² / log n (so k = 1/n at the
   median distance), recomputed every iteration and held constant in the gradient; a fixed σ
-  (the paper's 1e-3 included) can be given instead.
+  (the paper's 1e-3 included) can be given instead: for AT-AKA / CAT-AKA, whose presets use the
+  median, ``--set svgd_bandwidth=fixed`` is the paper-literal kernel (``svgd_sigma``, default 1e-3).
 """
 from __future__ import annotations
 

@@ -386,12 +386,12 @@ def test_validate_config(name):
 
 @pytest.mark.parametrize("name,dataset,expected", [
     ("ard", "cifar10", dict(epochs=200, lr_milestones=[100, 150], weight_decay=2e-4, tau=30.0, kl_reduction="mean")),
-    ("ard", "tinyimagenet", dict(epochs=100, lr_milestones=[50, 80], alpha=0.1, tau=1.0)),
+    ("ard", "tinyimagenet", dict(epochs=200, lr_milestones=[100, 150], weight_decay=2e-4, alpha=0.1, tau=1.0)),
     ("rslad", "cifar100", dict(epochs=300, lr_milestones=[215, 260, 285], weight_decay=2e-4, kl_reduction="mean")),
     ("akd2", "cifar10", dict(epochs=200, lr_milestones=[100, 150], lambda1=0.25, lambda2=0.5, lambda3=0.25)),
     ("iad1", "cifar10", dict(warmup=60, beta=0.1, tau_self=1.0, weight_decay=2e-4)),
     ("iad1", "cifar100", dict(warmup=80)),
-    ("iad1", "tinyimagenet", dict(warmup=10, weight_decay=5e-4, epochs=100)),
+    ("iad1", "tinyimagenet", dict(warmup=10, weight_decay=2e-4, epochs=200)),  # tests/test_presets.py: the quotes
     ("iad2", "cifar10", dict(warmup=40, gamma=1.0, tau_self=1.0, intro_scale="teacher")),
     ("iad2", "cifar100", dict(warmup=80)),
     ("adaad", "cifar10", dict(weight_decay=5e-4, kl_reduction="mean", alpha=1.0, radius=1.0, bn_mode="eval",

@@ -76,7 +76,9 @@ def test_report_table_final_runs_only_with_published_figures_and_aa_test(tmp_pat
     text = table.markdown(plan, methods, {"search": 1.0, "final": 2.0}, 10000)
     row = next(ln for ln in text.splitlines() if ln.startswith("| trades | resnet18 |"))
     assert "49.50 ± 0.50" in row and "| 3 | 5 | 40 (40) | best |" in row
-    assert "Jung et al., CVPR 2024 T1: Clean 81.47 (-1.47)" in row and "AA 49.35 (+0.15)" in row
+    # the published row names its setting: PeerAiD's baselines "following their original settings" (not stated: ‡)
+    assert "Jung et al., CVPR 2024 T1 [setting not stated (Sec. 4.1)]‡: Clean 81.47 (-1.47)" in row
+    assert "AA 49.35 (+0.15)" in row and "‡ trades: Jung et al., CVPR 2024, Table 1 does not state" in text
     assert "same first 10000 test images" in text and "| final | 2.0000 |" in text
     assert "Guidance diagnostics" not in text
     assert "![diagnostics](diagnostics.png)" in table.markdown(plan, methods, {}, 10000, diagnostics=True)

@@ -131,7 +131,11 @@ def test_cifar10_study_dry_run_prints_stages_runs_budgets_hours(results):
     for text in ("stage 1/5 teachers", "stage 2/5 search: budget 160 trial-epochs per method", "stage 3/5 final: 39 runs",
                  "stage 4/5 evaluation: 39 runs: clean, fgsm, pgd20, cw, aa on the same first 10000 test images",
                  "teacher/robust", "trades on wrn34_10", "final/cat_aka/seed2", "eps 0.03137 (8/255)", "device-hours",
-                 "the estimate assumes:", "--summary-json", "nothing was run or created"):
+                 "the estimate assumes:", "--summary-json", "nothing was run or created",
+                 # each run's schedule and the method's preset keys it got (issue 27: CAT-AKA's own 120 epochs)
+                 "120 epochs, lr 0.01 x0.1 at 75,90,100, wd 0.0035 (preset cifar10 + cifar10/resnet18)",
+                 "300 epochs, lr 0.1 x0.1 at 200,250,270, wd 0.0002 (preset cifar10)",
+                 "120 epochs, lr 0.1 x0.1 at 100,110, wd 0.0005 (dataset defaults)"):
         assert text in stdout, text
     assert sorted(p.name for p in d.iterdir()) == before
 

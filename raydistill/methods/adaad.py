@@ -3,6 +3,14 @@
     x* = argmax_{||x~ - x|| <= r * eps} KL(T(x~) || S(x~))                                  (Eq. 9)
     min (1 - alpha) * KL(T(x) || S(x)) + alpha * KL(T^tau(x*) || S^tau(x*))                  (Eq. 11)
 
+What the code computes, KL(p || q) with p the TARGET: KL(T || S), the teacher's distribution the
+target, as the authors' code does (AT_helper.py ``adaad_inner_loss`` and main.py:
+``nn.KLDivLoss()(F.log_softmax(S(x)), F.softmax(T(x)))``, which is sum T * (log T - log S)). The
+paper prints the arguments the other way round, Eq. 9 "x* = x + argmax_{||δ||_p <= ε} KL(S(x+δ) ‖
+T(x+δ))" and Eq. 11 "argmin_{θ_S} (1−α)KL(S(x) ‖ T(x)) + α KL(S^τ(x*) ‖ T^τ(x*))": read literally,
+KL(S || T), the student the target. We follow the code, whose models produced the published tables
+(and whose KL(T || S) is the distillation loss of every other method here).
+
 The inner maximisation back-propagates through BOTH networks: the match point moves with the
 teacher's prediction instead of away from a fixed target. T(x) is evaluated only when
 1 - alpha != 0. Eq. 11 softens only the adversarial term by tau and has no tau^2; the clean term

@@ -31,8 +31,16 @@ SVGD particle losses (hparam ``svgd_target``): ``own`` scores particle j by CE o
 L_j(x') = CE(T_j(x'), y) (n forward/backward passes per iteration, as n PGD runs); ``ensemble``
 scores every particle by the ensemble's mean CE, L(x') = (1/n) Σ_i CE(T_i(x'), y): textbook SVGD
 with one target density (n² passes). The attack runs the networks in ``bn_mode`` (eval by default).
-``svgd_bandwidth`` = median (default, Liu & Wang's heuristic) or fixed (σ = ``svgd_sigma``; the
-paper's 1e-3 makes the kernel vanish, see raydistill.svgd). ``svgd_step`` 0 = the run's --step-size.
+``svgd_bandwidth`` = median (default, Liu & Wang's heuristic) or fixed (σ = ``svgd_sigma``, whose
+default is the paper's 1e-3: ``--set svgd_bandwidth=fixed`` is the paper-literal kernel, which
+vanishes on images, see raydistill.svgd). ``svgd_step`` 0 = the run's --step-size.
+
+Presets (Appendix A; the quotes are beside them below and in tests/test_presets.py). AT-AKA on
+CIFAR-10/100: 300 epochs, lr 0.1 divided by 10 at 200, 250 and 270, weight decay 2e-4. CAT-AKA on
+CIFAR-10/100 (Table 4's setup): 120 epochs, divided by 10 at 75, 90 and 100; by the student's
+architecture, ResNet-18 lr 0.01 and weight decay 3.5e-3 (preset ``cifar10/resnet18``), WRN-34-10
+lr 0.1 and 7e-4 (``cifar10/wrn34_10``). Both: SVGD η = 0.003, 20 iterations, as printed, and the
+median-heuristic bandwidth instead of the printed σ = 1e-3 (``svgd_bandwidth=fixed`` gives it).
 
 Diagnostics (AT-AKA Table 1), per validation image: ``svgd_pairwise_linf`` / ``pgd_pairwise_linf``,
 the mean pairwise L-inf distance of the n SVGD particles and of n PGD runs on the same particle
@@ -55,8 +63,29 @@ from ..svgd import ParticleObjective, pairwise_distance, svgd
 from .base import Method, NetSpec, attack_hparams
 
 LOGIT_RULES = ("naive", "linear", "soft")
-CIFAR = {"epochs": 300, "lr_milestones": [200, 250, 270], "weight_decay": 2e-4,
-         "hp": {"svgd_step": 0.003, "svgd_steps": 20}}
+BANDWIDTHS = ("median", "fixed")  # svgd_bandwidth: the median heuristic, or the fixed σ = svgd_sigma
+PAPER_SIGMA = 1e-3  # Appendix A: "Gaussian RBF kernel ... with σ = 1e − 3" (svgd_sigma's default)
+# The SVGD of both methods' presets (AT-AKA Appendix A, Table 2's setup: "For SVGD method, we use Gaussian RBF kernel:
+# k(x, x') = exp{-||x - x'||^2 / (2σ^2)} with σ = 1e − 3, and the number of particles/samples is the same as that of
+# teachers. Also, η = 0.003, and the number of iterations is 20."): η and the iterations as printed; the bandwidth NOT
+# as printed: the median heuristic, because σ = 1e-3 makes every kernel value between two particles exp(-1e6) = 0 and
+# SVGD n independent PGD runs (raydistill.svgd). The paper-literal kernel is one switch away: --set svgd_bandwidth=fixed
+# (σ = svgd_sigma, 1e-3 unless set).
+SVGD = {"svgd_step": 0.003, "svgd_steps": 20, "svgd_bandwidth": "median"}
+# AT-AKA, Appendix A, "Training setup for Table 2": "The networks are trained by stochastic gradient descent (SGD)
+# optimizer using initial learning rate 0.1, momentum 0.9 and weight-decay 2e-4, and also we set the batch size equal to
+# 128. We set the total number of training epochs to 300, and the learning rate is divided by 10 at the 200-th, 250-th
+# and 270-th epoch."
+CIFAR = {"epochs": 300, "lr": 0.1, "lr_milestones": [200, 250, 270], "weight_decay": 2e-4, "hp": SVGD}
+# CAT-AKA, Appendix A, "Training setup for Table 4": "Both ResNet-18 and WideResNet-34-10 networks are trained via SGD
+# optimizer of batch size equals 128 for 120 epochs. For ResNet-18, the initial learning rate is set to 0.01, momentum
+# to 0.9, and weight decay to 3.5e-3. Also, for WRN-34-10, we set the initial learning rate to 0.1, momentum to 0.9, and
+# weight decay to 7e-4. The learning rate is divided by 10 at the 75-th, 90-th and 100-th epochs. All the other
+# settings, including those for SVGD and attacks, are the same as those we used for Table 2." The learning rate and
+# weight decay depend on the student's architecture: presets "DATASET/resnet18" and "DATASET/wrn34_10" (another
+# student gets the dataset's preset alone: lr and weight decay from the dataset's defaults).
+CAT_CIFAR = {"epochs": 120, "lr_milestones": [75, 90, 100], "hp": SVGD}
+CAT_ARCH = {"resnet18": {"lr": 0.01, "weight_decay": 3.5e-3}, "wrn34_10": {"lr": 0.1, "weight_decay": 7e-4}}
 
 
 # ----------------------------------------------------------------------------- amalgamation ψ
@@ -128,8 +157,8 @@ class AKAMethod(Method):
     size: ClassVar[str] = ""  # the hyperparameter that holds n
     hparams = {"alpha": 0.5, "amalgamation": "soft", "beta": 1.0, "mse_reduction": "mean",
                "svgd_steps": 20, "svgd_step": 0.0, "svgd_gamma": 1.0, "svgd_bandwidth": "median",
-               "svgd_sigma": 1e-3, "svgd_target": "own", **attack_hparams(bn_mode="eval")}
-    choices = {"amalgamation": LOGIT_RULES, "mse_reduction": REDUCTIONS, "svgd_bandwidth": ("median", "fixed"),
+               "svgd_sigma": PAPER_SIGMA, "svgd_target": "own", **attack_hparams(bn_mode="eval")}
+    choices = {"amalgamation": LOGIT_RULES, "mse_reduction": REDUCTIONS, "svgd_bandwidth": BANDWIDTHS,
                "svgd_target": ("own", "ensemble")}
     # alpha: (1 - α) · CE + α · MSE; beta: soft ψ's inverse temperature (0: equal weights); svgd_step 0: --step-size
     ranges = {"alpha": FRACTION, "beta": NON_NEGATIVE, "svgd_steps": AT_LEAST_ONE, "svgd_step": NON_NEGATIVE,
@@ -149,6 +178,12 @@ class AKAMethod(Method):
         return lambda xs: torch.stack([F.cross_entropy(m(xs.flatten(0, 1)).float(), y.repeat(n), reduction="none")
                                        for m in models]).mean(dim=0).view(n, -1)
 
+    @staticmethod
+    def kernel_width(hp) -> float | None:
+        """The SVGD kernel's σ: ``svgd_sigma`` (the paper's 1e-3 unless set) with ``svgd_bandwidth=fixed``, else
+        None, the median heuristic (raydistill.svgd)."""
+        return hp.svgd_sigma if hp.svgd_bandwidth == "fixed" else None
+
     def particles(self, nets, x, y, ctx, kernel: bool = True) -> torch.Tensor:
         """The n adversarial inputs (n, B, ...) by SVGD (``kernel=False``: n plain PGD runs, for comparison)."""
         hp = ctx.hp
@@ -157,7 +192,7 @@ class AKAMethod(Method):
             objective = self.particle_losses(models, y, hp.svgd_target)
             if kernel:
                 return svgd(objective, x, n=len(models), eps=ctx.eps, step_size=step, steps=hp.svgd_steps,
-                            gamma=hp.svgd_gamma, sigma=hp.svgd_sigma if hp.svgd_bandwidth == "fixed" else None)
+                            gamma=hp.svgd_gamma, sigma=self.kernel_width(hp))
             return attacks.pgd(objective, x.expand(len(models), *x.shape), eps=ctx.eps, step_size=step,
                                steps=hp.svgd_steps, random_start="uniform")
 
@@ -209,6 +244,8 @@ class CATAKA(AKAMethod):
     members, size = "student", "n_students"
     hparams = {"n_students": 3, **AKAMethod.hparams}
     ranges = {"n_students": AT_LEAST_ONE, **AKAMethod.ranges}
+    presets = {**{d: CAT_CIFAR for d in ("cifar10", "cifar100")},  # Table 4 covers CIFAR-10 and CIFAR-100
+               **{f"{d}/{arch}": v for d in ("cifar10", "cifar100") for arch, v in CAT_ARCH.items()}}
 
     def networks(self):
         return [NetSpec(n, self.cfg.student) for n in self.names()]

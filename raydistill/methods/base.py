@@ -6,7 +6,18 @@ A method is one small class:
   defaults, the choices of the string ones (the shared ``bn_mode`` / ``random_start`` /
   ``kl_reduction`` ones are declared once here, SHARED_CHOICES) and the valid range of every
   numeric one (raydistill.hparams); any float may be given a schedule (``linear(...)``, ``step(...)``);
-* ``presets``: per dataset, the paper's (or authors' code's) published setting;
+* ``presets``: the paper's (or the authors' code's) published settings, each a dict of training
+  settings (``epochs``, ``lr``, ``lr_milestones``, ``weight_decay``, ``swa_start``, ...) and ``hp``
+  (hyperparameter values), keyed by a dataset name (``"cifar10"``) or, where a paper gives a setting
+  for one student architecture, by ``"DATASET/ARCH"`` (``"cifar10/wrn34_10"``; ARCH is the STUDENT's
+  architecture name, ``--student``). A run gets the dataset's preset, then over it the
+  ``DATASET/ARCH`` preset of its student when there is one; both lie above the method's ``hparams``
+  and ``settings`` and below ``--preset NAME``, explicit flags and ``--set`` (raydistill.config,
+  :func:`~raydistill.config.resolve`), and the configuration records which keys it got
+  (``method_presets``, e.g. ``["cifar10", "cifar10/wrn34_10"]``; the study's dry-run prints them).
+  A plugin method declares its presets the same way, e.g.
+  ``presets = {"cifar10": {"epochs": 200, "lr_milestones": [100, 150], "hp": {"tau": 1.0}},
+  "cifar10/wrn34_10": {"hp": {"warmup": 5}}}``;
 * ``selection``: the validation accuracy that picks the best checkpoint, "pgd10" (every paper's
   protocol, the default) or "clean" (natural training);
 * ``networks()``: the networks and their roles (trained from scratch, or frozen pretrained);
@@ -143,6 +154,7 @@ class Method:
     hparams: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     ranges: ClassVar[dict[str, Range]] = {}  # every int / float hyperparameter's valid values
+    # "DATASET" or "DATASET/ARCH" (the student's architecture) -> training settings and "hp" (module docstring)
     presets: ClassVar[dict[str, dict]] = {}
     # training settings the method always starts from, on every dataset (below its presets and flags)
     settings: ClassVar[dict[str, Any]] = {}
@@ -153,6 +165,10 @@ class Method:
         super().__init_subclass__(**kwargs)
         if cls.selection not in SELECTIONS:
             raise TypeError(f"{cls.__name__}.selection is {cls.selection!r}; choose from {SELECTIONS}")
+        bad = [k for k in cls.presets if not isinstance(k, str) or not all(k.split("/")) or k.count("/") > 1]
+        if bad:
+            raise TypeError(f"{cls.__name__}.presets has key(s) {bad}; a key is a dataset name ('cifar10') or "
+                            "'DATASET/ARCH' with the student's architecture ('cifar10/wrn34_10')")
         cls.choices = {**{k: v for k, v in SHARED_CHOICES.items() if k in cls.hparams}, **cls.choices}
 
     def __init__(self, cfg):

@@ -6,17 +6,21 @@ teacher architecture, eps, variant), the figures under raydistill's metric keys 
 row's text in the paper. A figure is stored under the key of the SAME attack in raydistill's evaluation
 (AdaAD's "PGD" is PGD-10: ``pgd10_acc``; its "CW" is CW_2: ``cw2_acc``); each table keeps the paper's
 definition of every attack, and where a parameter differs from ours (IAD's FGSM random start, AT-AKA's
-PGD step) a deviation note. docs/reference-figures.md says how to read and extend the file.
+PGD step) a deviation note. Each row's ``training`` is the setting it came from as its paper states it
+(``training.yaml``, raydistill.reference.training: epochs, schedule, weight decay, hyperparameters, with the
+paper's sentences). docs/reference-figures.md says how to read and extend the files.
 
     from raydistill import reference
     row, = [r for r in reference.published("peeraid", "cifar10", student="resnet18") if r.table.number == "1"]
     row.metrics["aa_acc"], row.source                  # 0.5257, 'Jung et al., CVPR 2024, Table 1'
     reference.compare({"clean_acc": 0.86, "aa_acc": 0.52}, row)   # ours - published: clean +0.0099, aa -0.0057
+    row.training.text()                                # '300 epochs, lr 0.1 x0.1 at 215,260,285, wd 0.0002'
 
 No torch import: the report and the study read it cheaply.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -27,11 +31,15 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import UsageError
+from . import training as _training
+from .training import Training, differences, expected, setting_text
 
-__all__ = ["Paper", "Table", "Setting", "Row", "papers", "rows", "published", "compare", "figures",
-           "source_problems", "METRIC_KEYS", "METHOD_KEYS", "ARCH_NAMES", "DATASET_NAMES", "DATA_FILE"]
+__all__ = ["Paper", "Table", "Setting", "Row", "Training", "papers", "rows", "published", "compare", "figures",
+           "source_problems", "differences", "expected", "setting_text", "METRIC_KEYS", "METHOD_KEYS",
+           "ARCH_NAMES", "DATASET_NAMES", "DATA_FILE", "TRAINING_FILE"]
 
 DATA_FILE = "published.yaml"
+TRAINING_FILE = "training.yaml"
 # raydistill's names (tests/test_reference.py checks them against the registries, which import torch)
 METRIC_KEYS = ("clean_acc", "fgsm_acc", "pgd10_acc", "pgd20_acc", "cw_acc", "cw2_acc", "aa_acc")
 METHOD_KEYS = ("natural", "pgd_at", "trades", "ard", "rslad", "akd2", "iad1", "iad2", "adaad", "adaiad",
@@ -102,6 +110,7 @@ class Row:
     reconstructed: bool = False   # the reading of a scrambled extraction is inferred (see note)
     note: str | None = None
     expected_figures: int | None = None   # figures the source row must hold (None: explicit picks)
+    training: Training | None = None      # the setting it came from, as the paper states it (training.yaml)
 
     @property
     def source(self) -> str:
@@ -201,6 +210,16 @@ def _load() -> tuple[dict[str, Paper], tuple[Row, ...]]:
             group = groups[int(raw.get("group", 0))]
             defaults = {**base, **{k: v for k, v in group.items() if k != "label"}}
             out.append(_row(raw, table, found[paper_key], defaults, f"{where}, row {i + 1}"))
+    raw_training = yaml.safe_load(resources.files(__name__).joinpath(TRAINING_FILE).read_text(encoding="utf-8"))
+    names = {"methods": METHOD_KEYS, "datasets": DATASET_NAMES, "students": ARCH_NAMES}
+
+
+    def check(cond: bool, where: str, what: str) -> None:
+        if not cond:
+            raise DataError(f"{TRAINING_FILE}: {where}: {what}")
+
+    entries = _training.load(raw_training["settings"], check, found, names)
+    out = [dataclasses.replace(r, training=next((t for t in entries if t.covers(r)), None)) for r in out]
     return found, tuple(out)
 
 

@@ -181,11 +181,11 @@ def _archs(spec: StudySpec, cfg: TrainConfig) -> dict[str, str]:
 
 
 def _schedule_text(spec: StudySpec, cfg: TrainConfig, overrides: dict) -> str:
-    from ..methods import get_method
-
-    source = "paper preset" if spec.dataset in get_method(cfg.method).presets else "dataset defaults"
+    """e.g. ``120 epochs, lr 0.01 x0.1 at 75,90,100, wd 0.0035 (preset cifar10 + cifar10/resnet18)``: the
+    schedule and where it comes from, the method's preset keys (config.preset_keys) or the dataset's defaults."""
+    source = f"preset {' + '.join(cfg.method_presets)}" if cfg.method_presets else "dataset defaults"
     if spec.train.get("preset"):
-        source += f" + preset {spec.train['preset']}"
+        source += f" + --preset {spec.train['preset']}"
     if overrides:
         source += " + " + ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"
                                     for k, v in overrides.items())

@@ -1,7 +1,14 @@
 """A study's report: the papers' table over the final runs only, the search budgets, the device-hours of each
 stage, the published figures beside each row, a test of each method's AA against the best one's, and the
 Pareto plot (clean vs AA, per-seed points). Every figure of a row comes from the study's evaluation of the
-final runs, all on the same first ``n_examples`` test images."""
+final runs, all on the same first ``n_examples`` test images.
+
+Like with like: each published row printed beside ours names the paper, the table and the setting it came
+from (raydistill.reference's ``training``: epochs, learning-rate decays, weight decay, hyperparameters such as
+τ and α, as the paper states them), and the row compared is the one closest to our final runs' setting
+(:func:`published`). Where our setting (the method's presets, the study's schedule and the search's best
+values) differs from the row's, the row is marked † and a line under the table says in what; a row whose paper
+does not state its setting ("we trained the baselines following their original settings") is marked ‡."""
 from __future__ import annotations
 
 import math
@@ -64,7 +71,34 @@ def aa_tests(methods: dict) -> tuple[str | None, dict[str, dict]]:
     return best, out
 
 
-def published(plan, method: str) -> list:
+DIFFERS, UNSTATED = "†", "‡"  # a published row whose setting differs from ours / that its paper does not state
+
+
+def our_setting(plan, method: str, best_params: dict | None = None) -> dict[str, Any]:
+    """The final runs' setting in raydistill's names (epochs, lr, lr_milestones, weight_decay, hyperparameters):
+    the planned configuration of the first seed (the method's presets and the study's schedule) with the
+    search's best values on top."""
+    cfg = plan.run(f"final/{method}/seed{plan.spec.final.seeds[0]}").config
+    out = {"epochs": cfg.epochs, "lr": cfg.lr, "lr_milestones": list(cfg.lr_milestones),
+           "weight_decay": cfg.weight_decay, **cfg.hp}
+    out.update(best_params or {})
+    return out
+
+
+def _distance(row, ours: dict | None) -> float:
+    """How far the row's setting lies from ours: the values that differ, half a one where the paper does not say."""
+    from .. import reference
+
+    if ours is None:
+        return 0.0
+    return len(reference.differences(row, ours)) + (0.5 if row.training is None or not row.training.stated else 0.0)
+
+
+def published(plan, method: str, ours: dict | None = None) -> list:
+    """The published rows of the study's dataset, student and eps for ``method``, the one to compare first: the
+    same teacher architecture as the study's robust teacher, then rows that report AA, rows of the method itself
+    (no ``variant``: an ensemble, an ablation, one of CAT-AKA's students), read directly (not ``reconstructed``),
+    then the fewest values of the setting that differ from ``ours`` (our_setting), then the file's order."""
     from .. import reference
 
     try:
@@ -78,21 +112,54 @@ def published(plan, method: str) -> list:
     if teachers_needed(method) and teacher is not None and teacher.arch:  # the same teacher architecture first
         same = [r for r in rows if r.setting.teacher == teacher.arch]
         rows = same or rows
-    return sorted(rows, key=lambda r: "aa_acc" not in r.metrics)  # rows with AA first
+    return sorted(rows, key=lambda r: ("aa_acc" not in r.metrics, r.setting.variant is not None, r.reconstructed,
+                                       _distance(r, ours)))
 
 
-def beside(plan, method: str, mean: dict) -> str:
-    """The published figures of the row's setting (the first paper that reports AA) and ours minus theirs."""
+def mark(row, ours: dict) -> str:
+    """† where the row's setting differs from ours, ‡ where its paper does not state it, else nothing."""
     from .. import reference
 
-    rows = published(plan, method)
+    if reference.differences(row, ours):
+        return DIFFERS
+    return UNSTATED if row.training is None or not row.training.stated else ""
+
+
+def footnote(method: str, row, ours: dict) -> str | None:
+    """The line under the table for a marked row: in what our setting differs, or that the paper does not say."""
+    from .. import reference
+
+    diff = reference.differences(row, ours)
+    if diff:
+        what = "; ".join(f"{k} {_value(a)} here, {_value(b)} there" for k, (a, b) in diff.items())
+        return f"{DIFFERS} {method}: {row.source} ({row.training.where if row.training else 'setting not recorded'}) " \
+               f"trained otherwise: {what}"
+    if row.training is None or not row.training.stated:
+        quote = f': "{row.training.quote[0]}"' if row.training is not None else ""
+        return f"{UNSTATED} {method}: {row.source} does not state its row's setting{quote}"
+    return None
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return f"{v:g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def beside(plan, method: str, mean: dict, ours: dict | None = None) -> str:
+    """The published figures of the row closest to our setting (:func:`published`), named by paper, table and
+    setting, marked † / ‡ (:func:`mark`), and ours minus theirs."""
+    from .. import reference
+
+    rows = published(plan, method, ours)
     if not rows:
         return "-"
     r = rows[0]
     diff = reference.compare(mean, r)
     figs = [f"{label} {_pct(r.metrics[k])}" + (f" ({100 * diff[k]:+.2f})" if k in diff else "")
             for k, label in COLUMNS if k in r.metrics]
-    return f"{r.paper.short} T{r.table.number}: " + ", ".join(figs)
+    tag = mark(r, ours) if ours is not None else ""
+    return f"{r.paper.short} T{r.table.number} [{reference.setting_text(r)}]{tag}: " + ", ".join(figs)
 
 
 def _pct(x: float | None) -> str:
@@ -110,6 +177,8 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int, diagnostics:
              "Accuracies in %, mean ± std over seeds (n = seeds).", "",
              "| method | arch | " + " | ".join(c[1] for c in cols) + " | n | search trials | trial-epochs (budget) "
              "| AA vs best | published (ours − published) |", "|" + "---|" * (len(cols) + 7)]
+    ours = {m: our_setting(plan, m, v.get("best_params")) for m, v in methods.items()}
+    notes = []
     for m, v in methods.items():
         cells = [f"{_pct(v['mean'].get(k))} ± {_pct(v['std'].get(k))}" if k in v["mean"] else "-" for k, _ in cols]
         t = tests.get(m)
@@ -118,19 +187,26 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int, diagnostics:
         s = v["search"]
         lines.append(f"| {m} | {plan.spec.student} | " + " | ".join(cells) +
                      f" | {v['n']} | {s['trials']} | {s['trial_epochs']} ({s['budget_trial_epochs']}) | {vs} "
-                     f"| {beside(plan, m, v['mean'])} |")
-    lines += ["", "AA vs best: Welch's two-sided t-test of the per-seed AA accuracies against the method with the "
+                     f"| {beside(plan, m, v['mean'], ours[m])} |")
+        rows = published(plan, m, ours[m])
+        note = footnote(m, rows[0], ours[m]) if rows else None
+        notes += [note] if note else []
+    lines += [""] + notes + ([""] if notes else [])
+    lines += ["AA vs best: Welch's two-sided t-test of the per-seed AA accuracies against the method with the "
               "highest mean AA; 'differs' at p < 0.05. Published: the same dataset, student, eps (and teacher "
-              "architecture) in raydistill.reference; every such row below.", "",
-              "## Published figures for the same setting", ""]
+              "architecture) in raydistill.reference, the row closest to our setting, with the setting it came from "
+              f"[in brackets]; {DIFFERS}: our final runs' setting (the method's presets, the study's schedule, the "
+              f"search's best values) differs from it; {UNSTATED}: its paper does not state it. Every such row below.",
+              "", "## Published figures for the same setting", ""]
     any_pub = False
     for m, v in methods.items():
-        for row in published(plan, m):
+        for row in published(plan, m, ours[m]):
             any_pub = True
             diff = reference.compare(v["mean"], row)
             figs = ", ".join(f"{k} {_pct(val)} (ours − published {100 * diff[k]:+.2f})" if k in diff else
                              f"{k} {_pct(val)}" for k, val in row.metrics.items())
-            lines.append(f"* {m}: {row.source}: {figs}")
+            variant = f", {row.setting.variant}" if row.setting.variant else ""
+            lines.append(f"* {m}: {row.source}{variant} [{reference.setting_text(row)}]{mark(row, ours[m])}: {figs}")
     if not any_pub:
         lines.append(f"No paper reports these methods on {plan.spec.dataset} with {plan.spec.student}.")
     lines += ["", "## Device-hours by stage (measured: wall time × workers)", "",

@@ -21,12 +21,13 @@ def flat_params(cfg) -> dict[str, str]:
 
 
 def run_tags(cfg) -> dict[str, str]:
-    """What the report groups runs by (method, arch, dataset) and tells them apart by (seed), and the
-    validation metric that picks the best checkpoint (selected_by: val/pgd10_acc, natural val/clean_acc)."""
+    """What the report groups runs by (method, arch, dataset) and tells them apart by (seed), the
+    validation metric that picks the best checkpoint (selected_by: val/pgd10_acc, natural val/clean_acc)
+    and the method's preset keys the configuration got (presets: e.g. "cifar10 + cifar10/wrn34_10", "none")."""
     from ..methods import selected_by
 
     return {"method": cfg.method, "dataset": cfg.dataset, "arch": cfg.student, "seed": str(cfg.seed),
-            "selected_by": selected_by(cfg.method)}
+            "selected_by": selected_by(cfg.method), "presets": " + ".join(cfg.method_presets) or "none"}
 
 
 def start_run(cfg, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
