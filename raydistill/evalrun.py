@@ -190,11 +190,14 @@ class Progress:
 
 
 def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], *,
-              workers: int = 0, gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, device: torch.device | None = None,
-              quiet: bool = False, on_unit: Callable[[str, int], None] | None = None) -> int:
+              workers: int = 0, gpus_per_worker: float | None = None, cpus_per_worker: int | None = None,
+              worker_wait: float = 600.0, device: torch.device | None = None, quiet: bool = False,
+              on_unit: Callable[[str, int], None] | None = None) -> int:
     """Attack every unit of ``attacks`` not stored yet, storing each as it finishes; returns how many ran.
     ``workers`` 0: in this process on ``device``; N: N Ray workers (the cluster in RAY_ADDRESS, else a local
-    Ray instance). ``on_unit(attack, chunk)`` runs after each stored unit (tests stop an evaluation with it)."""
+    Ray instance; as many as its free resources hold, see raydistill.evalpool; none placeable within ``worker_wait``
+    seconds: evalpool.WorkersUnavailable). ``on_unit(attack, chunk)`` runs after each stored unit (tests stop an
+    evaluation with it)."""
     spec = store.spec
     n_chunks = len(chunks_of(spec.n_examples, spec.batch_size))
     done = store.done(attacks)
@@ -206,7 +209,7 @@ def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: to
     if not todo:
         return 0
     progress.say(f"{len(todo)} units ({', '.join(attacks)} on {n_chunks} batches of up to {spec.batch_size}) "
-                 f"{'in this process' if not workers else f'on {workers} Ray workers'} -> {store.folder}")
+                 f"{'in this process' if not workers else f'on up to {workers} Ray workers'} -> {store.folder}")
     x, y = x[:spec.n_examples], y[:spec.n_examples]
     if not workers:
         shard = _Shard(model, x, y, spec.eps, spec.step_size, spec.seed, spec.batch_size)
@@ -222,72 +225,34 @@ def run_units(store: ResultStore, model: torch.nn.Module, x: torch.Tensor, y: to
             if on_unit:
                 on_unit(attack, chunk)
         return ran
-    return _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, progress, on_unit)
+    return _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, worker_wait, progress, on_unit)
 
 
-def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, progress, on_unit) -> int:
+def _run_on_ray(store, model, x, y, todo, workers, gpus_per_worker, cpus_per_worker, worker_wait, progress, on_unit) -> int:
+    """The units on Ray actors (raydistill.evalpool): as many as the free resources hold, up to ``workers``."""
     import ray
 
-    from .train import cpus_each, init_ray
+    from . import evalpool
+    from .train import init_ray
 
     init_ray()
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0)
-    gpus_each = (1.0 if gpus >= 1 else 0.0) if gpus_per_worker is None else gpus_per_worker
-    if gpus_each > 0 and gpus_each * workers > gpus:
-        raise UsageError(f"--workers {workers} with --gpus-per-worker {gpus_each:g} needs {gpus_each * workers:g} GPUs; "
-                         f"the cluster has {gpus:g}")
-    if workers > cpus:
-        raise UsageError(f"--workers {workers}: the cluster has {cpus} CPUs, one per worker at least; give --workers <= {cpus}")
-    # whole CPUs, no more than one node has; the workers spread over the nodes
-    cpus = cpus_per_worker or (cpus_each(workers) if gpus_each == 0 else 1)
+    n, cpus, gpus_each, note = evalpool.plan_workers(workers, gpus_per_worker, cpus_per_worker)
+    if note:
+        progress.say(note)
     spec = store.spec
     refs = ray.put(model.cpu()), ray.put(x), ray.put(y)
     actor_cls = ray.remote(_Shard).options(num_cpus=cpus, num_gpus=gpus_each, scheduling_strategy="SPREAD")
-    make = lambda: actor_cls.remote(*refs, spec.eps, spec.step_size, spec.seed, spec.batch_size)  # noqa: E731
-    actors = [make() for _ in range(workers)]
-    inflight: dict[Any, tuple[Any, str, int]] = {}
-    replaced, ran = 0, 0
-    label = f" ({workers} workers)"
+    need = ", ".join(f"{k} {v:g}" for k, v in (("CPU", cpus), ("GPU", gpus_each)) if v)
 
-    def submit(actor) -> None:
-        if todo:
-            attack, chunk = todo.popleft()
-            inflight[actor.run.remote(attack, chunk)] = (actor, attack, chunk)
+    def stored(attack: str, chunk: int, result, live: int) -> None:
+        cols, seconds, worker = result
+        store.write(attack, chunk, cols, seconds, worker)
+        progress.unit_done(attack, f" ({live} worker{'s' if live > 1 else ''})")
+        if on_unit:
+            on_unit(attack, chunk)
 
-    try:
-        for actor in actors:
-            submit(actor)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=60)
-            if not ready:
-                progress.say(f"waiting for workers: {len(inflight)} units running")
-                continue
-            actor, attack, chunk = inflight.pop(ready[0])
-            try:
-                cols, seconds, worker = ray.get(ready[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                replaced += 1  # a lost worker (its node died): the unit goes back to the queue, a new worker starts
-                if replaced > 2 * workers:
-                    raise RuntimeError(f"evaluation workers kept dying ({replaced} lost): {exc}") from None
-                progress.say(f"a worker was lost ({type(exc).__name__}); batch {chunk} of {attack} goes to a new one")
-                todo.appendleft((attack, chunk))
-                actor = make()
-                actors.append(actor)
-                submit(actor)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                raise exc.as_instanceof_cause() from None
-            store.write(attack, chunk, cols, seconds, worker)
-            ran += 1
-            progress.unit_done(attack, label)
-            if on_unit:
-                on_unit(attack, chunk)
-            submit(actor)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return ran
+    return evalpool.run(lambda: actor_cls.remote(*refs, spec.eps, spec.step_size, spec.seed, spec.batch_size), todo,
+                        workers=n, worker_wait=worker_wait, need=need, say=progress.say, on_result=stored)
 
 
 # ============================================================================= the figures

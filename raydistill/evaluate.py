@@ -22,8 +22,9 @@ import torch
 
 from . import evalrun, storage
 from .checkpoint import FORMAT, safe_load
-from .cli import ArgParser, nonneg_float, nonneg_int, positive_int
+from .cli import ArgParser, nonneg_float, nonneg_int, positive_float, positive_int
 from .errors import UsageError, cli_entry
+from .evalpool import WorkersUnavailable
 from .evaluation import ATTACKS, DEFAULT_ATTACKS, parse_attacks
 
 DEFAULT_EPS = 8 / 255
@@ -52,7 +53,10 @@ def build_parser() -> ArgParser:
                         "0 = in this process, without Ray (default)")
     p.add_argument("--gpus-per-worker", type=nonneg_float, help="GPUs per Ray worker (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-worker", type=positive_int,
-                   help="CPUs (threads) per Ray worker (default: the cluster's CPUs shared by the workers, at most one node's)")
+                   help="CPUs (threads) per Ray worker (default: the cluster's free CPUs shared by the workers, at most one node's)")
+    p.add_argument("--worker-wait", type=positive_float, default=600.0,
+                   help="seconds to wait for a Ray worker when none can be placed before giving up, the finished batches "
+                        "kept (default 600, as training's)")
     p.add_argument("--sanity", action="store_true",
                    help="gradient-masking checks: also run PGD-10/50/100, PGD-100 at eps 1.0, AutoAttack and a zero-gradient "
                         "check; one warning: line per failed check and exit code 1")
@@ -166,12 +170,13 @@ def default_name(checkpoint: str, spec: evalrun.EvalSpec) -> str:
 
 def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[str], *, eps: float, step_size: float,
                    n_examples: int | None = None, batch_size: int = 256, seed: int = 0, workers: int = 0,
-                   gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, device: torch.device | None = None, sanity: bool = False,
-                   storage_path: str | None = None, name: str | None = None, dataset: str = "",
-                   quiet: bool = False, on_unit=None) -> dict:
+                   gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, worker_wait: float = 600.0,
+                   device: torch.device | None = None, sanity: bool = False, storage_path: str | None = None,
+                   name: str | None = None, dataset: str = "", quiet: bool = False, on_unit=None) -> dict:
     """Evaluate ``model`` (loaded from ``checkpoint``) on ``data``'s test split: every attack's per-image
     results stored as they finish under ``<storage>/evaluations/<name>`` (a relaunch continues), sharded
-    over ``workers`` Ray workers (0: in this process). Returns the summary (see the module's docstring)."""
+    over up to ``workers`` Ray workers (0: in this process; as many as the cluster's free resources hold; none
+    placeable within ``worker_wait`` seconds: WorkersUnavailable). Returns the summary (see the module's docstring)."""
     from . import sanity as masking
     from .checkpoint import local_file
     from .evaluation import check_settings
@@ -186,12 +191,16 @@ def run_evaluation(checkpoint: str, model: torch.nn.Module, data, attacks: list[
     store.open(checkpoint)
     try:
         evalrun.run_units(store, model, data.test_x, data.test_y, run, workers=workers, gpus_per_worker=gpus_per_worker,
-                          cpus_per_worker=cpus_per_worker, device=device, quiet=quiet, on_unit=on_unit)
+                          cpus_per_worker=cpus_per_worker, worker_wait=worker_wait, device=device, quiet=quiet,
+                          on_unit=on_unit)
     except KeyboardInterrupt:
         if not quiet:
             print(f"[evaluate] interrupted: the finished batches are kept in {folder}; run the same command again "
                   f"to continue", file=sys.stderr, flush=True)
         raise
+    except WorkersUnavailable as exc:
+        raise WorkersUnavailable(f"{exc}; the finished batches are kept in {folder}: the same command continues "
+                                 "them") from None
     res = evalrun.combine(store, run, data.test_y)
     per_image = evalrun.write_per_image(store, res)
     threat = [a for a in run if ATTACKS.get(a).threat]
@@ -222,10 +231,10 @@ def mlflow_metrics(summary: dict) -> dict[str, float]:
 
 def evaluate_on_cluster(checkpoint: str, attacks: list[str], *, storage_path: str, name: str,
                         n_examples: int | None = None, eps: float | None = None, step_size: float | None = None,
-                        batch_size: int = 256, quiet: bool = False) -> dict:
+                        batch_size: int = 256, worker_wait: float = 600.0, quiet: bool = False) -> dict:
     """``run_evaluation`` of one of this project's checkpoints on its dataset's test split, sharded over the Ray
-    cluster this driver is connected to (one worker per GPU, else per CPU); eps and step size default to the
-    checkpoint's. Tune's top-k AutoAttack and a study's evaluations."""
+    cluster this driver is connected to (one worker per GPU, else per CPU, as many as are free); eps and step size
+    default to the checkpoint's. Tune's top-k AutoAttack and a study's evaluations."""
     import ray
 
     from .checkpoint import load_model
@@ -237,8 +246,8 @@ def evaluate_on_cluster(checkpoint: str, attacks: list[str], *, storage_path: st
     data = load_dataset(meta["dataset"], data_dir=meta.get("data_dir"), val_size=0)
     return run_evaluation(checkpoint, model, data, attacks, eps=meta["eps"] if eps is None else eps,
                           step_size=meta["step_size"] if step_size is None else step_size, n_examples=n_examples,
-                          batch_size=batch_size, workers=workers, storage_path=storage_path, name=name,
-                          dataset=meta["dataset"], quiet=quiet)
+                          batch_size=batch_size, workers=workers, worker_wait=worker_wait, storage_path=storage_path,
+                          name=name, dataset=meta["dataset"], quiet=quiet)
 
 
 @cli_entry
@@ -298,10 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--num-classes {args.num_classes} does not match dataset '{dataset}' ({data.num_classes} classes)")
     model, meta = load_model(path, device or "cpu", arch=arch, num_classes=data.num_classes, in_shape=data.in_shape)
     checkpoint = str(path) if storage.is_remote(path) else os.path.abspath(path)
-    summary = run_evaluation(checkpoint, model, data, attacks, eps=eps, step_size=step_size, n_examples=args.n_examples,
-                             batch_size=args.batch_size, seed=args.seed, workers=args.workers,
-                             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, device=device, sanity=args.sanity,
-                             storage_path=args.storage_path, name=args.name, dataset=dataset, quiet=args.quiet)
+    try:
+        summary = run_evaluation(checkpoint, model, data, attacks, eps=eps, step_size=step_size, n_examples=args.n_examples,
+                                 batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                                 worker_wait=args.worker_wait, device=device, sanity=args.sanity,
+                                 storage_path=args.storage_path, name=args.name, dataset=dataset, quiet=args.quiet)
+    except WorkersUnavailable as exc:
+        print(f"error: evaluation stopped: {exc}", file=sys.stderr)
+        return 1
     summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"}}
     print(_table(summary))
     if args.summary_json:

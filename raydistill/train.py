@@ -137,12 +137,45 @@ def init_ray(**kwargs: Any) -> None:
     if not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
         kwargs.setdefault("dashboard_port", free_port())
         local = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{kwargs['dashboard_port']}"}
+    else:
+        kwargs.setdefault("runtime_env", _job_env())
     os.environ.update(local)
     try:
         ray.init(logging_level="ERROR", **kwargs)
     finally:
         for k in local:
             os.environ.pop(k, None)
+    _sigterm_as_ctrl_c()
+
+
+def _job_env() -> dict:
+    """The runtime environment of this driver's job on a cluster: RAY_ADDRESS for its processes (the nodes' own
+    environment may lack it), so that Ray Train's PlacementGroupCleaner, which looks the cluster up by it, finds
+    this cluster beside other Ray instances on the node (without it its monitor thread dies with "Found multiple
+    active Ray instances" and a finished run's placement group stays reserved). Not set where the job's own
+    runtime environment (ray job submit) sets it, or for an address that names no cluster (auto, ray://)."""
+    import json
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address in ("auto", "local") or "://" in address:
+        return {}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return {}
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (``timeout``, a scheduler's stop, ``kill``) ends a driver as Ctrl-C does: one line, what finished kept,
+    instead of the stack dump of Ray's own SIGTERM handler (installed by ray.init). Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
 
 
 def free_port() -> int:

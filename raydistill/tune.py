@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         tracking.close_run(cfg.placement.tracking_uri, parent, "KILLED")
         raise
+    from . import resources
+
+    resources.release_placement_groups()  # the trials' reservations are gone before the AutoAttack step starts
     try:
         trials = collect(grid, cfg, parent, root)
         failed = run_autoattack(trials, cfg, top_k, aa_n, exp_path) if top_k else []
@@ -269,7 +272,7 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
     for t in done[:k]:
         try:
             s = evaluate_on_cluster(t["checkpoint"], attacks, n_examples=n, storage_path=folder,
-                                    name=f"trial-{t['trial_id']}")
+                                    name=f"trial-{t['trial_id']}", worker_wait=cfg.placement.worker_wait)
         except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
             t["error"] = f"AutoAttack: {root_cause(exc)}"
             failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")

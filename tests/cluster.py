@@ -194,6 +194,23 @@ class RayCluster:
         """How much of ``resource`` no task, actor or placement group holds now."""
         return self._ask(f"ray.available_resources().get({resource!r}, 0.0)") or 0.0
 
+    @contextlib.contextmanager
+    def hold(self, *bundles: dict, strategy: str = "SPREAD"):
+        """Another job holding part of the cluster: a driver that reserves ``bundles`` in a placement group (as a
+        run's worker group does) until the block ends; yields the driver's process."""
+        code = ("import json, sys, time, ray; from ray.util import placement_group; ray.init(logging_level='ERROR'); "
+                f"g = placement_group({list(bundles)!r}, strategy={strategy!r}); ray.get(g.ready()); "
+                "print('held', g.id.hex(), flush=True); time.sleep(3600)")
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**self.env, "RAY_ADDRESS": self.address},
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            line = proc.stdout.readline()
+            if not line.startswith("held"):
+                raise RuntimeError(f"the holding driver did not reserve {bundles}")
+            yield proc
+        finally:
+            _stop_group(proc, grace=5)
+
     def wait_for_nodes(self, n: int, timeout: float = 300) -> None:
         """Until ``n`` nodes are alive; a node whose `ray start` gave up (a busy machine) is started again."""
         deadline = time.time() + timeout

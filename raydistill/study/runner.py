@@ -84,7 +84,7 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
 
 
 def _stages(study) -> dict:
-    from .. import tracking
+    from .. import resources, tracking
     from .search import run_search
     from .stages import run_evaluations, run_finals, run_teachers
 
@@ -101,6 +101,7 @@ def _stages(study) -> dict:
         if rec is None:
             rec = run_search(study, run, teachers)
             study.write_record(run.key, rec)
+            resources.release_placement_groups(study.event)  # nothing of its trials stays reserved for the next
         else:
             study.event(f"{run.key}: recorded ({rec['trials']} trials, {rec['trial_epochs']} trial-epochs)")
         searches[run.key] = rec
@@ -109,6 +110,7 @@ def _stages(study) -> dict:
                 f"{time.time() - t:.0f}s this session)")
     t = time.time()
     finals = run_finals(study, stages["final"], teachers, searches)
+    resources.release_placement_groups(study.event)  # the evaluations get every CPU the final runs had
     study.close_stage("final")
     study.event(f"stage final: done ({len(finals)} runs, {time.time() - t:.0f}s this session)")
     t = time.time()
