@@ -1,16 +1,21 @@
 """make realdata: a CPU check that learns on real images (Fashion-MNIST), through the public commands only.
 
-    python scripts/realdata.py [--out realdata] [--train-size 10000] [--teacher-epochs 4] [--student-epochs 3] ...
+    python scripts/realdata.py [--out realdata] [--train-size 10000] [--teacher-epochs 3] [--student-epochs 2] ...
 
 1. ``train pgd_at`` on Fashion-MNIST (its dataset defaults: eps 0.1, step 0.025, 10 PGD steps, trades_smallcnn,
    batch 128, SGD momentum 0.9, no weight decay) on a fixed stratified subset of the training split
    (``--train-size``) for a few epochs, lr ``--lr`` with one decay (x0.1) for the last epoch;
 2. ``train rslad`` from it as the teacher, the same way;
-3. ``evaluate`` both: clean and PGD-20 on all 10,000 test images, AutoAttack on the first ``--aa-examples``
-   (500), sharded and stored per unit as every evaluation is (``--eval-workers``: 0 in this process, N Ray
-   workers);
+3. ``evaluate`` both: clean and PGD-20 on all 10,000 test images; the distilled student (and with
+   ``--aa-teacher`` the teacher too) AutoAttack on the first ``--aa-examples`` (500); sharded and stored per unit
+   as every evaluation is (``--eval-workers``: 0 in this process, N Ray workers);
 4. a table (printed, and written with every stage's command, wall time and figures to ``OUT/realdata.md`` and
    ``OUT/realdata.json``).
+
+Sizing for 45 minutes on 2 CPU cores, from FLOPs (trades_smallcnn: 0.02 GFLOPs a forward at 28x28; a backward
+2 forwards) at the ~0.05 TFLOP/s those cores sustain on small CNNs (BENCHMARKS.md): PGD-AT ~75 images/s (30,000
+images: ~7 min), RSLAD ~70 (20,000: ~5 min), PGD-20 ~40 images/s (10,000 per model: ~4 min each), AutoAttack
+~130 GFLOPs an image at half of the images robust (500: ~20 min per model: hence the student's only by default).
 
 Interrupted, the same command continues: a finished stage (its summary JSON written) is not run again, a training
 run resumes from its last checkpoint (``--name``), an evaluation from its stored units. Runs, evaluations and
@@ -39,11 +44,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is nowhere to be found")
     p.add_argument("--student", default="trades_smallcnn", help="both networks' architecture (default trades_smallcnn)")
     p.add_argument("--train-size", type=int, default=10000, help="training images (stratified subset; default 10000)")
-    p.add_argument("--teacher-epochs", type=int, default=4, help="PGD-AT epochs (default 4)")
-    p.add_argument("--student-epochs", type=int, default=3, help="RSLAD epochs (default 3)")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="PGD-AT epochs (default 3)")
+    p.add_argument("--student-epochs", type=int, default=2, help="RSLAD epochs (default 2)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of both runs (default 0.05)")
     p.add_argument("--test-examples", default="all", help="test images for clean and PGD-20 (default all: 10,000)")
     p.add_argument("--aa-examples", type=int, default=500, help="test images for AutoAttack (the first N; default 500)")
+    p.add_argument("--aa-teacher", action="store_true", help="AutoAttack on the teacher too (about 20 more minutes)")
     p.add_argument("--eval-workers", type=int, default=0, help="evaluate's --workers (0: in this process; default 0)")
     p.add_argument("--workers", type=int, default=0, help="train's --workers (0: in-process, the default; 1: Ray Train)")
     return p
@@ -74,7 +80,7 @@ def table(record: dict) -> str:
     a = record["settings"]
     head = (f"Fashion-MNIST, {a['student']}, L-inf eps 0.1 (PGD-10 of step 0.025 in training); trained on "
             f"{a['train_size']} images; clean and PGD-20 on {a['test_examples']} test images, AutoAttack on the "
-            f"first {a['aa_examples']}")
+            f"first {a['aa_examples']} ({'both models' if a.get('aa_teacher') else 'the distilled student'})")
     rows = ["| model | epochs | train s | clean | PGD-20 | AutoAttack | evaluation s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, epochs in (("pgd_at", a["teacher_epochs"]), ("rslad", a["student_epochs"])):
         st = record["stages"]
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   "--summary-json", str(out / f"train-{method}.json")],
                       out / f"train-{method}.json", out)
         teacher = teacher or s["checkpoint"]
-        for key, attacks, n in (("eval_pgd20", "clean,pgd20", a.test_examples), ("eval_aa", "aa", str(a.aa_examples))):
+        evals = [("eval_pgd20", "clean,pgd20", a.test_examples)]
+        evals += [("eval_aa", "aa", str(a.aa_examples))] if method == "rslad" or a.aa_teacher else []
+        for key, attacks, n in evals:
             run_stage(record, f"{key}:{method}", [
                 "-m", "raydistill.evaluate", s["checkpoint"], "--attacks", attacks, "--batch-size", "500",
                 *(["--n-examples", n] if n != "all" else []), "--workers", str(a.eval_workers),
