@@ -30,8 +30,9 @@ def skip_all(record, reason: str) -> None:
 
 def run_leg(runner: Runner, info: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
     """The leg's parts (see the module's docstring); ``settings`` override ``REALDATA`` (a CPU smoke: a
-    training subset, fewer test images)."""
+    training subset, fewer test images, ``budgets`` overriding ``REALDATA_BUDGET``)."""
     s = {**REALDATA, **(settings or {})}
+    budget = {**REALDATA_BUDGET, **s.get("budgets", {})}
     record = runner.record
     record.data["realdata"] = figures = {}
     if not info.get("fashion_mnist"):
@@ -46,7 +47,7 @@ def run_leg(runner: Runner, info: dict[str, Any], settings: dict[str, Any] | Non
                 "--test-attacks", "clean", "--storage-path", str(runner.work / "runs"),
                 "--name", f"gpu-check-realdata-{method}", "--summary-json", str(summary),
                 *(["--train-size", str(s["train_size"])] if s.get("train_size") else []), *s.get("train_args", [])]
-        entry = runner.run(f"realdata:train:{method}", argv, REALDATA_BUDGET["train"], summary)
+        entry = runner.run(f"realdata:train:{method}", argv, budget["train"], summary)
         result = entry.pop("result", None) or {}
         runner.record.part(f"realdata:train:{method}", entry)
         row = figures[method] = {"epochs": epochs, "train_images": s.get("train_size") or 59000,
@@ -56,16 +57,16 @@ def run_leg(runner: Runner, info: dict[str, Any], settings: dict[str, Any] | Non
         for kind, attacks, n in (("eval", "clean,pgd20", s["test_examples"]), ("aa", "aa", s["aa_examples"])):
             name = f"realdata:{kind}:{method}"
             if ckpt is None:
-                record.part(name, skipped(f"no checkpoint: realdata:train:{method} did not finish", REALDATA_BUDGET[kind]))
+                record.part(name, skipped(f"no checkpoint: realdata:train:{method} did not finish", budget[kind]))
                 continue
             if kind == "aa" and not info.get("have", {}).get("pyautoattack"):
                 record.part(name, skipped("pyautoattack is not installed (its wheel: bash scripts/fetch-gpu-wheels.sh)",
-                                          REALDATA_BUDGET[kind]))
+                                          budget[kind]))
                 continue
             out = runner.work / f"realdata-{kind}-{method}.json"
             entry = runner.run(name, ["-m", "raydistill.evaluate", ckpt, "--attacks", attacks, "--n-examples", str(n),
                                       "--batch-size", "500", "-q", "--storage-path", str(runner.work / "evals"),
-                                      "--summary-json", str(out)], REALDATA_BUDGET[kind], out)
+                                      "--summary-json", str(out)], budget[kind], out)
             metrics = (entry.pop("result", None) or {}).get("metrics", {})
             row.update({k: v for k, v in metrics.items()}, **{f"{kind}_examples": n, f"{kind}_wall_s": entry.get("wall_s")})
             record.part(name, entry)
