@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart study test test-fast venv clean gpu-check gpu-wheels
+.PHONY: quickstart study test test-fast venv clean gpu-check gpu-wheels gpu-data datasets realdata
 
 $(BIN)/activate: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +19,23 @@ quickstart: $(BIN)/activate
 study: $(BIN)/activate
 	$(BIN)/python -m raydistill.study quickstart --summary-json study.json
 
-test: $(BIN)/activate
+test: $(BIN)/activate datasets
 	$(BIN)/python -m pytest -q --durations=25
 
-test-fast: $(BIN)/activate
+test-fast: $(BIN)/activate datasets
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# Fashion-MNIST's four IDX files from Debian's package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist),
+# installed where missing (needs apt-get and root or sudo; elsewhere a note, and --download fetches them instead)
+datasets:
+	bash .ci/install-datasets.sh
+
+# The CPU check that learns on real images (scripts/realdata.py): PGD-AT on Fashion-MNIST, RSLAD from it, clean
+# and PGD-20 on all 10,000 test images, AutoAttack on the first 500; resumable (the same command continues).
+# REALDATA_ARGS: the script's options, e.g. REALDATA_ARGS='--out /tmp/rd --train-size 2000'
+REALDATA_ARGS ?=
+realdata: $(BIN)/activate datasets
+	$(BIN)/python scripts/realdata.py --download $(REALDATA_ARGS)
 
 # The GPU check (raydistill/gpucheck/): needs no virtual environment, Ray or MLflow; on a bare GPU
 # machine the interpreter with PyTorch (python3) runs it. It installs the wheels in $(GPU_CHECK_WHEELS)
@@ -40,6 +52,12 @@ gpu-check:
 
 gpu-wheels:
 	bash scripts/fetch-gpu-wheels.sh
+
+# The real-data leg's files: Fashion-MNIST's four IDX files (30 MB) copied from Debian's package into
+# data/FashionMNIST/raw/ (git-ignored: a device call names data/FashionMNIST in its carry)
+gpu-data: datasets
+	mkdir -p data/FashionMNIST/raw
+	cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/FashionMNIST/raw/
 
 clean:
 	rm -rf $(VENV) *.egg-info

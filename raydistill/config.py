@@ -118,10 +118,12 @@ class TrainConfig:
     dataset: str = opt("digits", group="data", help="one of {datasets} (default digits)")
     data_dir: str | None = opt(None, group="data", help="folder with the dataset files, or a URI of one (s3://, gs://) "
                                                          "that each node copies once")
-    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet into --data-dir when missing "
+    download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet/MNIST/Fashion-MNIST into --data-dir when missing "
                                               "(once per node; the other workers wait for it)")
     dataset_options: dict = opt(None, None, factory=dict)
     val_size: int | None = opt(None, cli.nonneg_int, "data", "held-out validation images from the training split (0: use the test split, as the authors' code does)")
+    train_size: int | None = opt(None, cli.positive_int, "data", "train on a fixed, stratified subset of N training images "
+                                 "(after the validation holdout; default all of them)")
     student: str = opt("resnet18", group="models", help="student architecture")
     peer: str | None = opt(None, group="models", help="peer architecture of peeraid, and of the teachers at_aka trains (default: the student's)")
     teacher: str | None = opt(None, group="models", help="robust teacher checkpoint (offline methods)")
@@ -356,12 +358,12 @@ def coerce_hparam(cls, name: str, value: Any) -> Any:
 
 def validate(cfg: TrainConfig) -> None:
     from .data import DATASETS
-    from .models import MODELS
+    from .models import check_input
 
-    DATASETS.get(cfg.dataset)
-    MODELS.get(cfg.student)
-    if cfg.peer is not None:
-        MODELS.get(cfg.peer)
+    shape = DATASETS.get(cfg.dataset).in_shape
+    for flag, arch in (("--student", cfg.student), ("--peer", cfg.peer)):
+        if arch is not None:
+            check_input(arch, shape, f"{flag} on {cfg.dataset}")
     for flag, value in (("--eps", cfg.eps), ("--step-size", cfg.step_size), ("--lr", cfg.lr)):
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag} {value} must be a finite number >= 0")

@@ -1,6 +1,7 @@
 """Datasets held in memory as tensors, a fixed validation holdout, GPU-friendly augmentation and sharded batching.
 
-Every dataset loads completely into memory (CIFAR 50k/10k, TinyImageNet 100k/10k, digits, synthetic):
+Every dataset loads completely into memory (CIFAR 50k/10k, TinyImageNet 100k/10k, MNIST and Fashion-MNIST
+60k/10k (``raydistill.mnist``, registered from there), digits, synthetic):
 images are uint8 (N, C, H, W) when the source is uint8 and float32 in [0, 1] otherwise; labels are int64.
 ``iterate_batches`` turns them into float [0, 1] batches on the training device, sharded like
 ``DistributedSampler`` and reproducible from (seed, epoch, rank).
@@ -88,12 +89,13 @@ def register(name: str, num_classes: int | None, in_shape: tuple[int, int, int] 
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int | None = None,
-                 **options) -> Dataset:
+                 train_size: int | None = None, **options) -> Dataset:
     """Load dataset ``name`` and carve a fixed, stratified validation holdout out of its training split.
 
     ``data_dir``: a folder, or a URI of one (copied to this node once, then read there). ``val_size``:
     number of held-out training samples (default 10% of train, at most 1000); ``0`` uses the test split
-    as validation (as the original papers' code does). ``options`` go to the loader (only ``synthetic``
+    as validation (as the original papers' code does). ``train_size``: train on a fixed, stratified subset of
+    that many of the remaining training images (default all). ``options`` go to the loader (only ``synthetic``
     takes any: shape, num_classes, n_train, n_test, seed).
     """
     loader = DATASETS.get(name).loader
@@ -120,6 +122,12 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
                              f"and {n - s.num_classes} for {name}, not {val_size}")
         keep, held = stratified_split(s.train_y, val_size)
         train_x, train_y, val_x, val_y = s.train_x[keep], s.train_y[keep], s.train_x[held], s.train_y[held]
+    if train_size is not None:
+        if not s.num_classes <= int(train_size) <= len(train_y):
+            raise UsageError(f"--train-size {train_size}: {name} has {len(train_y)} training images besides the "
+                             f"validation holdout; give {s.num_classes} to {len(train_y)}")
+        _, subset = stratified_split(train_y, int(train_size))
+        train_x, train_y = train_x[subset], train_y[subset]
     return Dataset(name, train_x, train_y, val_x, val_y, s.test_x, s.test_y, s.num_classes,
                    tuple(s.train_x.shape[1:]), s.hflip, s.crop_pad)
 
@@ -354,3 +362,7 @@ def iterate_batches(x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, see
         if augment:
             xb = augment_batch(xb, crop_pad=crop_pad, hflip=hflip, generator=gen)
         yield xb, yb
+
+
+# MNIST and Fashion-MNIST live in their own module, which registers them and imports this one: imported last
+__import__(__package__ + ".mnist")

@@ -124,7 +124,7 @@ class Trainer:
         self.device = s.device
         fastpath.configure_backends(self.device, cfg.precision)  # the precision policy (fastpath's docstring)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                                 val_size=cfg.val_size, **cfg.dataset_options)
+                                 val_size=cfg.val_size, train_size=cfg.train_size, **cfg.dataset_options)
         d = self.data
         for split in ("train", "val", "test"):  # the data lives on the device: no loader waits
             setattr(d, f"{split}_x", getattr(d, f"{split}_x").to(self.device))

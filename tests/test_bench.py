@@ -157,6 +157,8 @@ def test_pgd20_check_compares_fp32_and_the_fast_path(tmp_path):
     (["--pgd20-check", "/nonexistent/ckpt"], "does not exist"),
     (["--ray-overhead", "--ray-epochs", "3", "--ray-skip-epochs", "3"], "--ray-skip-epochs 3 leaves none"),
     (["--beside-idle-ray"], "--beside-idle-ray is a part of --ray-overhead"),
+    (["--plain-loop", "--methods", "natural"], "--plain-loop is a part of --ray-overhead"),
+    (["--ray-overhead", "--plain-loop", "--methods", "trades"], "one of natural, pgd_at (the methods with a plain loop)"),
 ])
 def test_bad_input_is_a_usage_error(argv, needle):
     with pytest.raises(UsageError, match=None) as exc:

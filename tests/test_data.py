@@ -156,9 +156,9 @@ def test_synthetic_deterministic_learnable_any_shape():
 
 
 def test_dataset_registry_and_options():
-    assert set(DATASETS.names()) == {"cifar10", "cifar100", "tinyimagenet", "digits", "synthetic"}
-    with pytest.raises(UsageError, match="unknown dataset 'mnist'; choose from: cifar10"):
-        load_dataset("mnist")
+    assert set(DATASETS.names()) == {"cifar10", "cifar100", "tinyimagenet", "digits", "synthetic", "mnist", "fashion_mnist"}
+    with pytest.raises(UsageError, match="unknown dataset 'emnist'; choose from: cifar10"):
+        load_dataset("emnist")
     with pytest.raises(UsageError, match="dataset 'digits' has no option shape; it accepts: none"):
         load_dataset("digits", shape=(1, 8, 8))
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from raydistill.gpucheck.parts import bench_plan
-from raydistill.gpucheck.record import markdown
+from raydistill.gpucheck.realdata import run_leg
+from raydistill.gpucheck.record import Record, markdown
+from raydistill.gpucheck.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT = ("ray", "mlflow", "optuna", "pyautoattack")
@@ -99,12 +101,14 @@ def test_make_gpu_check_without_cuda(tmp_path: Path):
     assert d["status"] == "done" and d["finished"] and d["cuda"] is False
     assert "no CUDA" in d["skip_reason"] and "no CUDA" in md
     gpu_parts = {k: v for k, v in d["parts"].items() if k != "pytest_gpu"}
-    assert {"train", "pgd20_check", "bench:resnet18:fp32", "bench:wrn34_10:bf16",
-            "bench:wrn34_10:bf16+compile_all"} <= set(gpu_parts)
+    assert {"train", "pgd20_check", "bench:resnet18:fp32", "bench:wrn34_10:bf16", "bench:wrn34_10:bf16+compile_all",
+            "realdata:train:pgd_at", "realdata:aa:peeraid"} <= set(gpu_parts)
     for name, part in gpu_parts.items():
         assert part["status"] == "skipped" and "no CUDA" in part["reason"], (name, part)
     assert d["parts"]["pytest_gpu"]["status"] in ("ok", "skipped"), d["parts"]["pytest_gpu"]
-    assert d["bench"] == [] and d["train"] is None and d["pgd20_check"] is None
+    assert d["bench"] == [] and d["train"] is None and d["pgd20_check"] is None and d["realdata"] is None
+    assert "## Real data: Fashion-MNIST" in md and "No figures: no CUDA" in md
+    assert "fashion_mnist" in d["environment"]  # the probe says where the real-data leg would read the files
     assert d["environment"]["torch"] and d["environment"]["raydistill_path"] == str(REPO / "raydistill")
     assert not list(out.glob(".*.tmp"))  # written atomically
 
@@ -153,3 +157,44 @@ def test_gpu_check_plan_follows_the_option_table():
         ("wrn34_10", "fp32", "none"), ("wrn34_10", "tf32", "none"), ("wrn34_10", "bf16", "none"),
         ("resnet18", "bf16", "all"), ("wrn34_10", "bf16", "all")]
     assert all(p != "tf32" for _, p, _, _ in bench_plan(["fp32", "bf16"], ["none", "all"]))
+
+
+def leg_runner(tmp_path: Path) -> Runner:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    return Runner(Record(tmp_path / "out", 480), env, float("inf"), tmp_path)
+
+
+def test_real_data_leg_without_the_files_is_skipped_with_the_reason(tmp_path: Path):
+    runner = leg_runner(tmp_path)
+    run_leg(runner, {"fashion_mnist": None, "fashion_mnist_error": "none in /x/data", "have": {"pyautoattack": True}})
+    parts = runner.record.data["parts"]
+    assert sorted(parts) == sorted(f"realdata:{k}:{m}" for k in ("train", "eval", "aa") for m in ("pgd_at", "peeraid"))
+    for part in parts.values():
+        assert part["status"] == "skipped" and "make gpu-data, and carry data/FashionMNIST" in part["reason"]
+        assert "none in /x/data" in part["reason"]
+    assert "No figures: Fashion-MNIST's IDX files are not here" in (tmp_path / "out" / "gpu-check.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_data_leg_on_the_cpu_with_a_tiny_subset(tmp_path: Path):
+    """The leg's code as the GPU runs it (train, evaluate clean+pgd20, AutoAttack; figures in both files), on a
+    200-image subset for 1 epoch with 2 attack steps, 64 test images and AutoAttack on 8: it runs, not learns."""
+    from raydistill import mnist
+
+    if not mnist.complete(Path(mnist.DEBIAN_FASHION)):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    runner = leg_runner(tmp_path)
+    small = dict(epochs={"pgd_at": 1, "peeraid": 1}, train_size=200, test_examples=64, aa_examples=8,
+                 train_args=["--attack-steps", "2", "--val-size", "100", "--batch-size", "64"],
+                 budgets={"train": 900, "eval": 600, "aa": 900})  # the GPU's budgets are seconds; a shared CPU is slower
+    run_leg(runner, {"fashion_mnist": mnist.DEBIAN_FASHION, "have": {"pyautoattack": True}}, small)
+    d = runner.record.data
+    assert {n: p["status"] for n, p in d["parts"].items()} == {
+        f"realdata:{k}:{m}": "ok" for m in ("pgd_at", "peeraid") for k in ("train", "eval", "aa")}, d["parts"]
+    for method in ("pgd_at", "peeraid"):
+        row = d["realdata"][method]
+        assert set(row) >= {"clean_acc", "pgd20_acc", "aa_acc", "train_wall_s", "eval_wall_s", "aa_wall_s"}
+        assert (row["epochs"], row["train_images"], row["eval_examples"], row["aa_examples"]) == (1, 200, 64, 8)
+        assert 0 <= row["aa_acc"] <= row["pgd20_acc"] + 1 / 8 and 0 <= row["pgd20_acc"] <= row["clean_acc"] <= 1
+    md = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "| pgd_at | 1 x 200 |" in md and "| peeraid | 1 x 200 |" in md and "(64)" in md and "(8)" in md

@@ -17,14 +17,21 @@ CASES = [pytest.param(a, n, marks=pytest.mark.slow) if a in HEAVY else (a, n)
 
 def test_registry_names():
     assert set(MODELS.names()) == {"resnet18", "resnet34", "preact_resnet18", "wrn34_10", "wrn34_20", "wrn70_16",
-                                   "mobilenet_v2", "vgg16", "small_cnn"}
+                                   "mobilenet_v2", "vgg16", "small_cnn", "trades_smallcnn"}
+
+
+def sizes(arch):
+    """8x8 (or the architecture's smallest side, if larger: trades_smallcnn's 16), 32x32 and 64x64."""
+    return [max(8, getattr(MODELS.get(arch), "MIN_SIDE", 1)), 32, 64]
 
 
 @pytest.mark.parametrize("arch,num_classes", CASES)
 def test_forward_backward_all_sizes(arch, num_classes):
     torch.manual_seed(0)
     model = build_model(arch, num_classes, (3, 32, 32)).train()
-    for size in (8, 32, 64):
+    if arch == "trades_smallcnn":  # TRADES' initialisation zeroes the last layer: no input gradient until it trains
+        torch.nn.init.normal_(model.classifier.fc3.weight)
+    for size in sizes(arch):
         x = torch.rand(2, 3, size, size, requires_grad=True)
         logits = model(x)
         assert logits.shape == (2, num_classes)
@@ -43,12 +50,14 @@ def test_heavy_models_smoke(arch):
 
 @pytest.mark.parametrize("arch", sorted(set(MODELS.names()) - HEAVY))
 def test_single_channel_input_and_eval(arch):
-    model = build_model(arch, 10, (1, 8, 8)).eval()
+    side = sizes(arch)[0]
+    model = build_model(arch, 10, (1, side, side)).eval()
     with torch.no_grad():
-        assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+        assert model(torch.rand(3, 1, side, side)).shape == (3, 10)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn34_10", "mobilenet_v2", "vgg16", "small_cnn"])
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "wrn34_10", "mobilenet_v2", "vgg16", "small_cnn",
+                                  "trades_smallcnn"])
 def test_channels_last_matches_and_keeps_input_gradients(arch):
     torch.manual_seed(0)
     model = build_model(arch, 10).eval()
@@ -88,6 +97,30 @@ def test_public_checkpoint_key_names():
                 "bn.weight", "linear.weight"):
         assert key in preact, key
     assert "bn1.weight" not in preact
+
+
+def test_trades_smallcnn_is_trades_network_with_its_parameter_names():
+    """TRADES' models/small_cnn.py, key by key and shape by shape (its checkpoints load as they are); at 28x28
+    the 4x4 pooling is the identity, so the function is TRADES' forward (features.view(-1, 64*4*4) -> classifier);
+    smaller than 16x16 is one line."""
+    torch.manual_seed(0)
+    model = build_model("trades_smallcnn", 10, (1, 28, 28)).eval()
+    expected = {"feature_extractor.conv1.weight": (32, 1, 3, 3), "feature_extractor.conv1.bias": (32,),
+                "feature_extractor.conv2.weight": (32, 32, 3, 3), "feature_extractor.conv2.bias": (32,),
+                "feature_extractor.conv3.weight": (64, 32, 3, 3), "feature_extractor.conv3.bias": (64,),
+                "feature_extractor.conv4.weight": (64, 64, 3, 3), "feature_extractor.conv4.bias": (64,),
+                "classifier.fc1.weight": (200, 1024), "classifier.fc1.bias": (200,),
+                "classifier.fc2.weight": (200, 200), "classifier.fc2.bias": (200,),
+                "classifier.fc3.weight": (10, 200), "classifier.fc3.bias": (10,)}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    assert not model.classifier.fc3.weight.any() and isinstance(model.classifier.drop, torch.nn.Dropout)
+    torch.nn.init.normal_(model.classifier.fc3.weight)  # TRADES' zero last layer would make every output 0
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        trades = model.classifier(model.feature_extractor(x).view(-1, 64 * 4 * 4))
+        torch.testing.assert_close(model(x), trades)
+    with pytest.raises(UsageError, match="trades_smallcnn takes images of at least 16x16, not 8x8"):
+        build_model("trades_smallcnn", 10, (1, 8, 8))
 
 
 def _same_outputs(a, b):

@@ -8,6 +8,7 @@ Every command line runs as a real subprocess (``python -m raydistill.study ...``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,4 +238,17 @@ def test_gflops_table_is_the_flop_counters():
 
 def test_shipped_studies_are_in_the_repository():
     tracked = subprocess.run(["git", "ls-files", "studies"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    assert {"studies/quickstart.yaml", "studies/cifar10-resnet18.yaml"} <= set(tracked)
+    assert {"studies/quickstart.yaml", "studies/cifar10-resnet18.yaml", "studies/fashion-mnist.yaml"} <= set(tracked)
+
+
+def test_fashion_mnist_study_plans_the_five_methods_at_real_scale():
+    """studies/fashion-mnist.yaml: the quickstart study's five methods on the full Fashion-MNIST, 3 seeds,
+    AutoAttack on 1,000 test images; its dry run prints the device-hours and creates nothing."""
+    p = subprocess.run([sys.executable, "-m", "raydistill.study", "studies/fashion-mnist.yaml", "--dry-run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    total = next(line for line in p.stdout.splitlines() if line.startswith("total:"))
+    assert re.match(r"total: 37 runs, \d+\.\d+ device-hours", total), total
+    for run in ("teacher/robust", "final/rslad/seed2", "eval/peeraid/seed2"):
+        assert run in p.stdout, run
+    assert "trades_smallcnn" in p.stdout and "dry run: nothing was run or created" in p.stdout

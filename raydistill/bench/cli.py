@@ -38,6 +38,8 @@ def parser() -> ArgParser:
     p.add_argument("--peer", help="peer architecture of online methods (default: the student's)")
     p.add_argument("--dataset", default="synthetic", help="synthetic (default; any shape) or a dataset name")
     p.add_argument("--data-dir", help="dataset folder (not needed for synthetic)")
+    p.add_argument("--train-size", type=positive_int, help="a real dataset's training images (stratified subset; "
+                                                          "default all): an epoch of --ray-overhead")
     p.add_argument("--image-size", type=positive_int, default=32, help="synthetic images' side (default 32)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="synthetic classes (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -64,6 +66,9 @@ def parser() -> ArgParser:
     g.add_argument("--beside-idle-ray", action="store_true",
                    help="with --ray-overhead: also time the in-process loop beside an idle Ray instance (Ray's "
                         "processes running, none of them working): the part of the overhead that is CPU contention")
+    g.add_argument("--plain-loop", action="store_true",
+                   help="with --ray-overhead: also time a plain single-process PyTorch loop over the same tensors with "
+                        "the same passes (natural or pgd_at): the production loop's throughput as a fraction of it")
     g.add_argument("--ray-epochs", type=positive_int, default=6, help="epochs of those runs (default 6)")
     g.add_argument("--ray-skip-epochs", type=nonneg_int,
                    help="epochs of each run not timed (default: half; Ray's daemons start up beside the first)")
@@ -97,6 +102,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, f.name, getattr(defaults, f.name))
     if args.beside_idle_ray and not args.ray_overhead:
         raise UsageError("--beside-idle-ray is a part of --ray-overhead: give both")
+    if args.plain_loop:
+        from .plain import METHODS as PLAIN
+
+        if not args.ray_overhead:
+            raise UsageError("--plain-loop is a part of --ray-overhead: give both")
+        if args.methods[0] not in PLAIN:
+            raise UsageError(f"--plain-loop times the first of --methods, which must be one of {', '.join(PLAIN)} "
+                             f"(the methods with a plain loop), not {args.methods[0]}")
     if args.ray_skip_epochs is not None and args.ray_skip_epochs >= args.ray_epochs:
         raise UsageError(f"--ray-skip-epochs {args.ray_skip_epochs} leaves none of --ray-epochs {args.ray_epochs} to time")
     if args.compare_authors_peeraid:
@@ -137,6 +150,11 @@ def print_report(out: dict[str, Any]) -> None:
             p = r["pair_beside_idle_ray_pct"]
             print(f"In-process loop beside an idle Ray instance: {r['beside_idle_ray_pct']:+.1f}% (median of {len(p)} "
                   f"rounds, from {min(p):+.1f}% to {max(p):+.1f}%): Ray's processes competing for the CPU")
+        if "ray_vs_plain" in r:
+            p = r["pair_ray_vs_plain"]
+            print(f"Against the plain PyTorch loop (same tensors and passes): Ray Train at x{r['ray_vs_plain']:.3f} of its "
+                  f"throughput (median of {len(p)} rounds, from x{min(p):.3f} to x{max(p):.3f}; goal >= "
+                  f"{r['target_vs_plain']}), the in-process loop at x{r['in_process_vs_plain']:.3f}")
         if r.get("idle_ray_cpu_pct") is not None:
             print(f"Idle Ray's processes used {r['idle_ray_cpu_pct']:.1f}% of this machine's CPUs (median of rounds): "
                   f"a loop on all of them loses at least that share of them to Ray")

@@ -21,7 +21,7 @@ class Bench:
         self.options = ({"shape": (3, args.image_size, args.image_size), "num_classes": args.num_classes,
                          "n_train": args.batch_size * max(args.steps, 4) + 2 * args.num_classes,
                          "n_test": args.eval_examples} if args.dataset == "synthetic" else {})
-        d = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0, **self.options)
+        d = load_dataset(args.dataset, data_dir=args.data_dir, val_size=0, train_size=args.train_size, **self.options)
         self.num_classes, self.in_shape = d.num_classes, d.in_shape
         self._teachers: dict[str, str] = {}
         self._runs = itertools.count()
@@ -48,7 +48,7 @@ class Bench:
         hp = {"warmup": "0"} if "warmup" in cls.hparams else {}
         hp.update({k: v for k, v in a.hp.items() if k in cls.hparams})
         offline = issubclass(cls, OfflineMethod)
-        flags = dict(dataset=a.dataset, data_dir=a.data_dir, student=a.student, peer=a.peer, val_size=0,
+        flags = dict(dataset=a.dataset, data_dir=a.data_dir, train_size=a.train_size, student=a.student, peer=a.peer, val_size=0,
                      batch_size=a.batch_size, precision=a.precision, attack_steps=a.attack_steps, seed=a.seed,
                      teacher=self.teacher("teacher") if offline else None,
                      natural_teacher=self.teacher("teacher_nat") if offline and cls.uses_natural_teacher else None,

@@ -1,6 +1,7 @@
 """Ray Train's overhead: the steady-state epoch time of a 1-worker TorchTrainer run against the
-in-process loop, each run in a fresh process; and an idle Ray instance beside the in-process loop,
-with the CPU time its process tree takes from the machine (read from /proc)."""
+in-process loop, each run in a fresh process; against a plain single-process PyTorch loop over the same
+tensors (``plain``: the limit); and an idle Ray instance beside the in-process loop, with the CPU time its
+process tree takes from the machine (read from /proc)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from .configs import Bench
+from .plain import plain_epoch_times
 
 
 def _epoch_times(config: dict) -> tuple[list[float], float]:
@@ -122,17 +124,26 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
     instance (``IdleRay``) runs beside it; its slowdown against the plain in-process run is the part of
     the overhead that is Ray's own processes competing for the CPU, not anything in the worker; and
     the CPU time those processes used meanwhile, as a share of the machine's CPUs (``idle_ray_cpu_pct``:
-    with the loop on every CPU, the overhead can be no smaller than this share)."""
+    with the loop on every CPU, the overhead can be no smaller than this share).
+
+    With ``--plain-loop`` each round also runs the plain loop (``bench.plain``: the same tensors, network,
+    optimiser and passes, written out in plain PyTorch, no Ray) with the same epochs; ``ray_vs_plain`` is the
+    median over rounds of plain / Ray epoch time, i.e. the production loop's throughput under Ray Train as a
+    fraction of the plain loop's (goal >= 0.9), ``in_process_vs_plain`` the same for the in-process loop. On a
+    real dataset (``--dataset fashion_mnist``) an epoch is the whole training split (or ``--train-size``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     a = bench.args
     skip = a.ray_skip_epochs if a.ray_skip_epochs is not None else a.ray_epochs // 2
     modes = ("in_process", "beside_idle_ray", "ray") if a.beside_idle_ray else ("in_process", "ray")
+    modes += ("plain",) if a.plain_loop else ()
     out: dict[str, Any] = {"skipped_epochs": skip, "pair_overheads_pct": [],
                            **{m: {"epoch_times_s": [], "run_medians_s": [], "run_walls_s": []} for m in modes}}
     if a.beside_idle_ray:
         out["pair_beside_idle_ray_pct"], out["idle_ray_cpu_pcts"] = [], []
+    if a.plain_loop:
+        out["pair_ray_vs_plain"], out["pair_in_process_vs_plain"] = [], []
     for r in range(a.rounds):
         pair = {}
         for mode in (modes if r % 2 == 0 else modes[::-1]):
@@ -141,7 +152,7 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
                                name=f"bench-{r}-{mode}", tracking_uri=f"sqlite:///{bench.workdir}/mlflow.db")
             beside = IdleRay(bench.workdir) if mode == "beside_idle_ray" else contextlib.nullcontext()
             with beside, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                times, wall = pool.submit(_epoch_times, cfg.to_dict()).result()
+                times, wall = pool.submit(plain_epoch_times if mode == "plain" else _epoch_times, cfg.to_dict()).result()
             steady = times[skip:]
             out[mode]["epoch_times_s"] += steady
             out[mode]["run_walls_s"].append(wall)
@@ -156,6 +167,11 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
             beside_text = f", in-process beside idle Ray {pair['beside_idle_ray']:.3f}s = {out['pair_beside_idle_ray_pct'][-1]:+.1f}%"
             if out["idle_ray_cpu_pcts"][-1] is not None:
                 beside_text += f" (idle Ray's processes: {out['idle_ray_cpu_pcts'][-1]:.1f}% of the CPUs)"
+        if a.plain_loop:
+            for key, mode in (("pair_ray_vs_plain", "ray"), ("pair_in_process_vs_plain", "in_process")):
+                out[key].append(pair["plain"] / pair[mode])
+            beside_text += (f", plain loop {pair['plain']:.3f}s: Ray at x{out['pair_ray_vs_plain'][-1]:.3f} of its "
+                            f"throughput, in-process x{out['pair_in_process_vs_plain'][-1]:.3f}")
         print(f"ray-overhead round {r + 1}/{a.rounds}: in-process {pair['in_process']:.3f}s, "
               f"Ray {pair['ray']:.3f}s per epoch = {out['pair_overheads_pct'][-1]:+.1f}%{beside_text} (run walls: in-process "
               f"{out['in_process']['run_walls_s'][-1]:.1f}s, Ray {out['ray']['run_walls_s'][-1]:.1f}s)", flush=True)
@@ -167,5 +183,9 @@ def ray_overhead(bench: Bench, method: str) -> dict[str, Any]:
         out["beside_idle_ray_pct"] = statistics.median(out["pair_beside_idle_ray_pct"])
         shares = [c for c in out["idle_ray_cpu_pcts"] if c is not None]
         out["idle_ray_cpu_pct"] = statistics.median(shares) if shares else None
+    if a.plain_loop:
+        out["ray_vs_plain"] = statistics.median(out["pair_ray_vs_plain"])
+        out["in_process_vs_plain"] = statistics.median(out["pair_in_process_vs_plain"])
+        out["target_vs_plain"] = 0.9
     out["target_pct"] = 5.0
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import AUTHORS_BUDGET, PGD20_BUDGET, REPO, TRAIN_BUDGET
 from .parts import bench_plan, part_authors, part_bench, part_pgd20, part_pytest, part_train
+from .realdata import run_leg, skip_all
 from .record import Record
 from .runner import Runner, probe, setup, skipped
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = part_train(runner)
             part_pgd20(runner, checkpoint)
             part_authors(runner)
+            run_leg(runner, info)
             for arch, precision, compile_mode, budget in plan:
                 part_bench(runner, arch, precision, compile_mode, budget)
         else:
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             record.part("train", skipped(reason, TRAIN_BUDGET))
             record.part("pgd20_check", skipped(reason, PGD20_BUDGET))
             record.part("authors_peeraid", skipped(reason, AUTHORS_BUDGET))
+            skip_all(record, reason)
             for arch, precision, compile_mode, budget in plan:
                 label = precision + ("+compile_" + compile_mode if compile_mode != "none" else "")
                 record.part(f"bench:{arch}:{label}", skipped(reason, budget))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import BATCH, BENCH_STEPS, BENCH_WARMUP, BF16_PEAK_TFLOPS, TRAIN
+from . import BATCH, BENCH_STEPS, BENCH_WARMUP, BF16_PEAK_TFLOPS, REALDATA, TRAIN
 
 # ============================================================================= the record
 class Record:
@@ -19,7 +19,7 @@ class Record:
         self.data: dict[str, Any] = {
             "schema": 1, "status": "running", "started": _now(), "finished": None, "budget_s": budget,
             "wall_s": 0.0, "cuda": False, "skip_reason": None, "environment": {}, "setup": {}, "parts": {},
-            "bench": [], "pgd20_check": None, "authors_peeraid": None, "train": None}
+            "bench": [], "pgd20_check": None, "authors_peeraid": None, "train": None, "realdata": None}
 
     def part(self, name: str, entry: dict[str, Any]) -> None:
         self.data["parts"][name] = entry
@@ -113,4 +113,18 @@ def markdown(d: dict[str, Any]) -> str:
                   f"- best validation PGD-10: {_fmt(t.get('val_best_pgd10_acc'), '.4f')}"]
     else:
         lines.append("No figures: " + (d["parts"].get("train", {}).get("reason") or "not run") + ".")
+    lines += ["", f"## Real data: Fashion-MNIST, {REALDATA['student']}, eps 0.1 (PGD-10 of step 0.025 in training), "
+                  "in-process", ""]
+    r = d.get("realdata")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    if r:
+        lines += ["| method | epochs x training images | train s | clean | PGD-20 (test images) | AutoAttack (first N) "
+                  "| evaluation s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {v['epochs']} x {v['train_images']} | {_fmt(v.get('train_wall_s'))} | {pct(v.get('clean_acc'))} | "
+                  f"{pct(v.get('pgd20_acc'))} ({v.get('eval_examples', '-')}) | {pct(v.get('aa_acc'))} "
+                  f"({v.get('aa_examples', '-')}) | {_fmt((v.get('eval_wall_s') or 0) + (v.get('aa_wall_s') or 0))} |"
+                  for m, v in r.items()]
+    else:
+        reason = next((p.get("reason") for n, p in d["parts"].items() if n.startswith("realdata:")), None)
+        lines.append("No figures: " + (reason or "not run") + ".")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """Model zoo for adversarial distillation: CIFAR-style networks, ``build_model`` and checkpoint loading.
 
 All networks use a 3x3 stride-1 stem without max-pool and average-pool adaptively before the classifier,
-so they accept any input size from 8x8 (digits) through 32x32 (CIFAR) to 64x64 (TinyImageNet).
+so they accept any input size from 8x8 (digits) through 32x32 (CIFAR) to 64x64 (TinyImageNet); except
+``trades_smallcnn``, TRADES' MNIST network (28x28; any input from 16x16: ``MIN_SIDE``).
 They take inputs in [0, 1] (no normalisation layer), use no in-place activations (input gradients
 for attacks stay valid) and work with ``channels_last``.
 """
@@ -16,11 +17,12 @@ from torch import nn
 
 from ..errors import UsageError
 from ..registry import Registry
-from .compact import VGG, MobileNetV2, SmallCNN
+from .compact import VGG, MobileNetV2, SmallCNN, TradesSmallCNN
 from .resnet import ResNet, preact_resnet18, resnet18, resnet34
 from .wideresnet import WideResNet
 
-__all__ = ["MODELS", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN"]
+__all__ = ["MODELS", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN",
+           "TradesSmallCNN", "check_input"]
 
 # name -> factory(num_classes, in_channels) -> nn.Module
 MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
@@ -33,6 +35,7 @@ MODELS.add("wrn70_16", functools.partial(WideResNet, 70, 16))
 MODELS.add("mobilenet_v2", MobileNetV2)
 MODELS.add("vgg16", functools.partial(VGG, VGG.CFG16))
 MODELS.add("small_cnn", SmallCNN)
+MODELS.add("trades_smallcnn", TradesSmallCNN)  # TRADES' SmallCNN for MNIST (yaodongyu/TRADES)
 
 # Keys under which training scripts commonly nest the state_dict; prefixes added by DDP and torch.compile.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -50,9 +53,19 @@ def build_model(arch: str, num_classes: int, in_shape=(3, 32, 32)) -> nn.Module:
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise UsageError(f"input shape must be (channels, height, width), not {in_shape}")
+    check_input(arch, in_shape)
     model = factory(int(num_classes), in_shape[0])
     model.arch, model.num_classes, model.in_shape = arch, int(num_classes), in_shape
     return model
+
+
+def check_input(arch: str, in_shape, what: str = "") -> None:
+    """A one-line UsageError when ``arch`` cannot take images of ``in_shape`` (C, H, W) (its ``MIN_SIDE``)."""
+    side = getattr(MODELS.get(arch), "MIN_SIDE", 1)
+    if in_shape is not None and min(int(s) for s in tuple(in_shape)[1:]) < side:
+        h, w = tuple(in_shape)[1:]
+        raise UsageError(f"{arch} takes images of at least {side}x{side}, not {h}x{w}{' (' + what + ')' if what else ''}; "
+                         f"choose another architecture, e.g. small_cnn")
 
 
 def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Smaller networks: CIFAR MobileNetV2, VGG-16 with BatchNorm, and a tiny CNN for quick runs."""
+"""Smaller networks: CIFAR MobileNetV2, VGG-16 with BatchNorm, a tiny CNN for quick runs, and TRADES' MNIST CNN."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -95,3 +95,41 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(F.adaptive_avg_pool2d(self.features(x), 2).flatten(1))
+
+
+class TradesSmallCNN(nn.Module):
+    """TRADES' network for MNIST (yaodongyu/TRADES, models/small_cnn.py; also Madry et al.'s MNIST family):
+    four 3x3 convolutions without padding (32, 32, max-pool, 64, 64, max-pool), then fully connected layers
+    of 200, 200 and the classes, ReLU throughout, dropout 0.5 after the first fully connected layer, no
+    BatchNorm; TRADES' initialisation (Kaiming-normal convolutions, zero biases, a zero last layer).
+
+    The module and parameter names are TRADES' own (``feature_extractor.conv1`` ... ``classifier.fc3``), so a
+    state_dict saved by TRADES' code (e.g. its released ``model_mnist_smallcnn.pt``) loads as it is. ReLUs are not
+    in place (TRADES': in place; the same function, and input gradients for attacks stay valid). The features
+    are average-pooled to 4x4, which at 28x28 (MNIST, Fashion-MNIST) is the identity: there it is TRADES'
+    network exactly. Inputs from 16x16 up work; smaller ones (digits' 8x8) are refused (``MIN_SIDE``).
+    """
+
+    MIN_SIDE = 16
+
+    def __init__(self, num_classes: int, in_channels: int = 1, drop: float = 0.5):
+        super().__init__()
+        from collections import OrderedDict
+
+        self.feature_extractor = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 32, 3)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(32, 32, 3)), ("relu2", nn.ReLU()), ("maxpool1", nn.MaxPool2d(2, 2)),
+            ("conv3", nn.Conv2d(32, 64, 3)), ("relu3", nn.ReLU()),
+            ("conv4", nn.Conv2d(64, 64, 3)), ("relu4", nn.ReLU()), ("maxpool2", nn.MaxPool2d(2, 2))]))
+        self.classifier = nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(64 * 4 * 4, 200)), ("relu1", nn.ReLU()), ("drop", nn.Dropout(drop)),
+            ("fc2", nn.Linear(200, 200)), ("relu2", nn.ReLU()), ("fc3", nn.Linear(200, num_classes))]))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.classifier.fc3.weight)
+        nn.init.zeros_(self.classifier.fc3.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.feature_extractor(x), 4).flatten(1))

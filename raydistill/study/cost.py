@@ -34,7 +34,7 @@ REFERENCE_TFLOPS = {"fp32": 25.0, "tf32": 60.0, "bf16": 100.0}
 REFERENCE_DEVICE = "one H100/H200-class GPU"
 # (training images, test images) of each dataset's full training and test splits
 DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "tinyimagenet": (100000, 10000),
-                 "digits": (1348, 449), "synthetic": (2000, 500)}
+                 "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "digits": (1348, 449), "synthetic": (2000, 500)}
 VAL_FRACTION, VAL_CAP = 0.1, 1000  # raydistill.data's default holdout
 # (forwards, backwards) per image of each evaluation attack on the student; aa: see aa_passes
 ATTACK_PASSES = {"clean": (1, 0), "fgsm": (2, 1), "pgd10": (11, 10), "pgd20": (21, 20), "cw": (31, 30)}
