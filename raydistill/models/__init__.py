@@ -20,7 +20,7 @@ from .compact import VGG, MobileNetV2, SmallCNN
 from .resnet import ResNet, preact_resnet18, resnet18, resnet34
 from .wideresnet import WideResNet
 
-__all__ = ["MODELS", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN"]
+__all__ = ["MODELS", "INPUT_SIZES", "register_model", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN"]
 
 # name -> factory(num_classes, in_channels) -> nn.Module
 MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
@@ -33,6 +33,25 @@ MODELS.add("wrn70_16", functools.partial(WideResNet, 70, 16))
 MODELS.add("mobilenet_v2", MobileNetV2)
 MODELS.add("vgg16", functools.partial(VGG, VGG.CFG16))
 MODELS.add("small_cnn", SmallCNN)
+# name -> the (height, width) inputs a model accepts; absent: any (the built-ins pool adaptively, from 8x8 up)
+INPUT_SIZES: dict[str, tuple[tuple[int, int], ...]] = {}
+
+
+def register_model(name: str, factory: Callable[[int, int], nn.Module], *, input_sizes=None) -> Callable:
+    """Register ``factory(num_classes, in_channels) -> nn.Module`` as model ``name`` (usable as a decorator's
+    target: returns ``factory``). ``input_sizes``: the image sizes it accepts, each a side (32) or a
+    (height, width) pair; None: any. A model given inputs of another size is refused before a run starts."""
+    sizes = None
+    if input_sizes is not None:
+        try:
+            sizes = tuple((int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in input_sizes)
+        except (TypeError, ValueError, IndexError):
+            raise UsageError(f"model '{name}': input_sizes {input_sizes!r} must be a list of sides (32) or "
+                             "(height, width) pairs") from None
+    MODELS.add(name, factory)
+    if sizes is not None:
+        INPUT_SIZES[name] = sizes
+    return factory
 
 # Keys under which training scripts commonly nest the state_dict; prefixes added by DDP and torch.compile.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -50,6 +69,10 @@ def build_model(arch: str, num_classes: int, in_shape=(3, 32, 32)) -> nn.Module:
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise UsageError(f"input shape must be (channels, height, width), not {in_shape}")
+    sizes = INPUT_SIZES.get(arch)
+    if sizes is not None and tuple(in_shape[1:]) not in sizes:
+        accepted = ", ".join(f"{h}x{w}" for h, w in sizes)
+        raise UsageError(f"model '{arch}' accepts inputs of {accepted}, not {in_shape[1]}x{in_shape[2]}")
     model = factory(int(num_classes), in_shape[0])
     model.arch, model.num_classes, model.in_shape = arch, int(num_classes), in_shape
     return model

@@ -1,0 +1,34 @@
+"""Which code produced a run: each plugin's digest and version, recorded with the run and checked on a relaunch.
+
+* :func:`digest`: ``sha256:<hex>`` of a plugin's file, or of its package's Python and YAML files;
+* every run records the plugins whose names it uses (``plugins.used_by``) as MLflow tags
+  (``plugin.<name>`` = the digest, ``plugin.<name>.source``) and in its summary JSON (``"plugins"``), and
+  in its folder (``plugins.json``: a training run's, a search's, a study's);
+* :func:`check_resume`: a relaunch that would resume a run, a search or a study whose plugins changed since is
+  refused in one line, unless ``--allow-changed-plugin``: then it resumes and the change is recorded (the
+  folder's history, and the tag ``plugin.<name>.changed`` = ``OLD -> NEW``). One table never mixes two
+  versions of a method unawares.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+DIGEST_SUFFIXES = (".py", ".yaml", ".yml")  # a package's files that make its digest
+
+
+def digest(roots: Iterable[str | os.PathLike]) -> str:
+    """``sha256:<hex>`` of a file's bytes, or of the Python and YAML files (names and contents) under folders."""
+    roots = [Path(r) for r in roots]
+    if len(roots) == 1 and roots[0].is_file():
+        return "sha256:" + hashlib.sha256(roots[0].read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                     and p.suffix in DIGEST_SUFFIXES and "__pycache__" not in p.parts)
+        for p in files:
+            h.update(f"{p.relative_to(root.parent)}\0".encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
