@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import evalrun, storage
+from . import evalrun, plugins, storage
 from .checkpoint import FORMAT, safe_load
 from .cli import ArgParser, nonneg_float, nonneg_int, positive_int
 from .errors import UsageError, cli_entry
@@ -66,6 +66,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    plugins.add_option(p)
     return p
 
 
@@ -244,6 +245,7 @@ def evaluate_on_cluster(checkpoint: str, attacks: list[str], *, storage_path: st
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plugins.use(args.plugin)
 
     # ---- every argument is checked before data or model are loaded
     from .data import DATASETS, load_dataset

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import storage, tracking
+from . import plugins, storage, tracking
 from .cli import ArgParser
 from .errors import UsageError, cli_entry
 
@@ -53,6 +53,7 @@ def parser() -> ArgParser:
     p.add_argument("--out", default="report", help="output folder or storage URI (s3://, gs://; default ./report)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the outputs as artifacts: of the search's parent run, else of a new 'report' run")
+    plugins.add_option(p)
     return p
 
 
@@ -331,6 +332,7 @@ def check_out_dir(path: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     remote = storage.is_remote(args.out)  # s3://, gs://: written here, then uploaded
     out = Path(tempfile.mkdtemp(prefix="raydistill-report-")) if remote else check_out_dir(args.out)
     uri = tracking.open_store(args.tracking_uri)

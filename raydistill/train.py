@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # would add, and how to keep it: docs/clusters.md, "Quiet output".
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+from . import plugins
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
 from .errors import USAGE_ERROR_PREFIX, UsageError, cli_entry
@@ -35,7 +36,9 @@ class TrainingFailed(RuntimeError):
 def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
     p.add_argument("method", nargs="?", help="method name (see --list)")
-    p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
+    p.add_argument("--list", action="store_true", help="print the methods, one per line: the name, then where it comes "
+                   "from (built-in, or the plugin), and exit")
+    plugins.add_option(p)
     add_run_options(p, helps={"tracking_uri": "MLflow tracking URI (default: MLflow's own default); "
                                               "none = tracking off: no MLflow run, MLflow not imported"})
     return p
@@ -46,11 +49,14 @@ def default_name(cfg: TrainConfig) -> str:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
+    """Checks that need files (teacher checkpoints) or run code (a plugin's model and method on 2 images:
+    raydistill.plugin_checks): done on the driver before any run exists."""
     from .checkpoint import load_model
     from .data import DATASETS
     from .methods import get_method
+    from .plugin_checks import check_config
 
+    check_config(cfg)
     spec = DATASETS.get(cfg.dataset)
     n_classes = spec.num_classes or cfg.dataset_options.get("num_classes", 10)
     shape = spec.in_shape
@@ -295,8 +301,9 @@ def main(argv: list[str] | None = None, hooks: tuple | list = ()) -> int:
     from .methods import METHODS
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     if args.list:
-        print("\n".join(METHODS.names()))
+        print("\n".join(plugins.listing("method")))
         return 0
     if not args.method:
         raise UsageError(f"give a METHOD; choose from: {', '.join(METHODS.names())}")

@@ -21,6 +21,7 @@ from typing import Any
 # Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from . import plugins
 from .cli import ArgParser, nonneg_float, positive_int
 from .config import TrainConfig, add_run_options, build_config, flags_of, parse_set
 from .errors import UsageError, cli_entry
@@ -49,6 +50,7 @@ def parser() -> ArgParser:
     g.add_argument("--gpus-per-trial", type=nonneg_float, help="GPUs per trial, split over its workers (0.5 packs two trials on a GPU)")
     g.add_argument("--top-k", type=int, help="AutoAttack on the k best trials at the end (default 1; 0 = none)")
     g.add_argument("--aa-n-examples", type=positive_int, help="test images for AutoAttack (default 1000)")
+    plugins.add_option(p)
     return p
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import cpus_each, init_ray, preflight, require_shared_storage, write_json
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     cfg = build_config(args.method, args)
     extra = TUNE_PRESETS.get(args.preset or "", {})
     num_samples = args.num_samples or extra.get("num_samples", 8)
