@@ -64,6 +64,10 @@ class Plugin:
     def describe(self) -> str:
         return f"plugin: {self.source} (sha256 {self.digest.split(':', 1)[-1][:12]})"
 
+    def modules(self) -> list[str]:
+        """The top-level modules of its code (a file's module, a package's folders' names)."""
+        return list(dict.fromkeys([self.module.split(".")[0]] if self.module else [Path(r).stem for r in self.roots]))
+
     def provides(self) -> dict[str, list[str]]:
         """Kind -> the names this plugin registered (``{"method": ["mart"]}``)."""
         out = {kind: reg.added_by(self) for kind, reg in registries().items()}
@@ -223,6 +227,8 @@ def _load(key: str, plugin: Plugin, do_import) -> Plugin:
     try:
         with registry.registering_as(plugin):
             module = do_import()
+            for name in plugin.modules():  # what it registered before (imported another way, e.g. unpickled)
+                registry.claim(name, plugin)
             if isinstance(module, ModuleType):
                 register_methods(module)
         if not plugin.provides():
@@ -360,18 +366,6 @@ def plugin_of(kind: str, name: str) -> Plugin | None:
         return None
     o = reg.origin(name)
     return None if o == registry.BUILT_IN else o
-
-
-def used_by(cfg) -> dict[str, dict]:
-    """The plugins whose names configuration ``cfg`` uses (method, networks, dataset): name -> record."""
-    names = [("method", cfg.method), ("dataset", cfg.dataset)]
-    names += [("model", a) for a in (cfg.student, cfg.peer, cfg.teacher_arch, cfg.natural_teacher_arch) if a]
-    out = {}
-    for kind, name in names:
-        p = plugin_of(kind, name)
-        if p is not None:
-            out[p.name] = p.record()
-    return out
 
 
 # ----------------------------------------------------------------------------- the command line

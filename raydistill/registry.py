@@ -9,6 +9,7 @@ plugin's names as the driver does (raydistill.plugins).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Dict, Generic, Iterator, TypeVar
 
 from .errors import UsageError
@@ -18,6 +19,7 @@ BUILT_IN = "built-in"
 PLUGGABLE = ("method", "model", "dataset")  # the kinds a plugin may add (raydistill.extend)
 PLUGIN_HINT = " (a plugin's? load it with --plugin MODULE_OR_FILE.py: docs/extending.md)"
 _origin: list[Any] = [BUILT_IN]  # the origin of entries added now (a stack: the plugin being imported on top)
+_all: list = []  # every Registry
 
 
 class Collision(ValueError):
@@ -26,6 +28,42 @@ class Collision(ValueError):
     def __init__(self, kind: str, name: str, existing: Any):
         super().__init__(f"{kind} '{name}' registered twice (it is already {describe(existing)})")
         self.kind, self.name, self.existing = kind, name, existing
+
+
+class Unclaimed:
+    """The origin of an entry that code outside raydistill added while no plugin was being loaded: a module that
+    was imported another way (e.g. by unpickling, on a Ray worker) before the plugin loader claims it."""
+
+    def __init__(self, module: str):
+        self.module = self.label = module
+
+    def describe(self) -> str:
+        return f"registered by module {self.module} (not loaded as a plugin)"
+
+
+# the registration helpers between a registry and the code that registers (skipped to find that code)
+HELPERS = {("raydistill.models", "register_model"), ("raydistill.data", "deco")}
+
+
+def _caller() -> Any:
+    """The origin of an entry added now: the plugin being loaded, else BUILT_IN for raydistill's own code, else
+    the module outside raydistill that added it (Unclaimed)."""
+    if _origin[-1] is not BUILT_IN:
+        return _origin[-1]
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_globals.get("__name__") == __name__
+                                 or (frame.f_globals.get("__name__"), frame.f_code.co_name) in HELPERS):
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return BUILT_IN if name == "raydistill" or name.startswith("raydistill.") else Unclaimed(name)
+
+
+def claim(module: str, origin: Any) -> None:
+    """Give ``origin`` the entries that module ``module`` (or a module of its package) added unclaimed."""
+    for reg in _all:
+        for name, o in reg._origins.items():
+            if isinstance(o, Unclaimed) and (o.module == module or o.module.startswith(module + ".")):
+                reg._origins[name] = origin
 
 
 def describe(origin: Any) -> str:
@@ -57,13 +95,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: Dict[str, T] = {}
         self._origins: Dict[str, Any] = {}
+        _all.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._items:
                 raise Collision(self.kind, name, self._origins[name])
             self._items[name] = obj
-            self._origins[name] = _origin[-1]
+            self._origins[name] = _caller()
             return obj
 
         return deco

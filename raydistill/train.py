@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # would add, and how to keep it: docs/clusters.md, "Quiet output".
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-from . import plugins
+from . import plugin_ray, plugins, provenance
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
 from .errors import USAGE_ERROR_PREFIX, UsageError, cli_entry
@@ -80,15 +80,20 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage.root(p.storage_path),
                                          tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
+    used = provenance.used_by(cfg)  # which code: the plugins' digests, checked against a resumed run's (provenance)
+    changes = provenance.check_resume(cfg.placement.run_dir(), used, cfg.placement.allow_changed_plugin,
+                                      f"run '{cfg.placement.name}'")
     if not cfg.placement.in_process:
         init_ray(log_to_driver=not quiet)
         if check_storage:
             require_shared_storage(cfg.placement.storage_path)  # before any run exists
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
-        cfg = replace(cfg, placement=replace(cfg.placement,
-                                             mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id,
-                                                                                             tags=tags)))
+        run_id = tracking.start_run(cfg, parent_run_id=parent_run_id, tags=tags)
+        if used or changes:  # also on a resumed run (start_run reuses it as it was)
+            tracking.log_batch(cfg.placement.tracking_uri, run_id, tags=provenance.tags(used, changes))
+        cfg = replace(cfg, placement=replace(cfg.placement, mlflow_run_id=run_id))
+    provenance.record(cfg.placement.run_dir(), used, changes)
     p = cfg.placement
     t0 = time.time()
     try:
@@ -124,7 +129,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
 
 
 def init_ray(**kwargs: Any) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0; with the
+    plugins this process loaded shipped to every worker, and the installed ones checked on every node."""
     import ray
 
     if ray.is_initialized():
@@ -144,11 +150,14 @@ def init_ray(**kwargs: Any) -> None:
         kwargs.setdefault("dashboard_port", free_port())
         local = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{kwargs['dashboard_port']}"}
     os.environ.update(local)
-    try:
-        ray.init(logging_level="ERROR", **kwargs)
+    plugins.load_environment()
+    try:  # the plugins' code goes to every worker of every node (py_modules; raydistill.plugin_ray)
+        with plugin_ray.init_options(kwargs) as options:
+            ray.init(logging_level="ERROR", **options)
     finally:
         for k in local:
             os.environ.pop(k, None)
+    plugin_ray.check_nodes()  # an installed plugin that a node lacks: one error line naming the node
 
 
 def free_port() -> int:
@@ -274,7 +283,7 @@ def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float
             "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),
             "metrics": test, "selected_by": selected_by(cfg.method), "val_best_acc": metrics.get("val/best_acc"),
             "val_best_clean_acc": metrics.get("val/best_clean_acc"), "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
-            "wall_time_s": round(wall, 2)}
+            "wall_time_s": round(wall, 2), "plugins": provenance.used_by(cfg)}
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 from torch import Tensor
 
 from .. import fastpath
-from ..plugins import used_by
+from ..provenance import used_by
 from ..steprunner import StepRunner
 from .configs import Bench
 from .measure import PassCounter, PeakMemory, run_steps, sync

@@ -24,6 +24,9 @@ def parser() -> ArgParser:
     p.add_argument("--summary-json", help="write the study summary JSON here when the study ends")
     p.add_argument("--dry-run", action="store_true", help="validate the study and print its plan (stages, runs, "
                                                           "budgets, estimated device-hours); run and create nothing")
+    p.add_argument("--allow-changed-plugin", action="store_true",
+                   help="with --resume: continue although a plugin the study uses changed since it started (refused "
+                        "otherwise); the change is recorded and its table says which rows span two versions")
     plugins.add_option(p)
     return p
 
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("--summary-json", args.summary_json)):
         if value is not None and not value.strip():
             raise UsageError(f"{flag} is empty; give a path or URI")
-    plan = load_study(args.study, name=args.name, storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+    plan = load_study(args.study, name=args.name, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+                      allow_changed_plugin=args.allow_changed_plugin)
     for run in plan.runs():  # a plugin's model and method on 2 images, before anything runs (dry run too)
         if run.config is not None:
             check_config(run.config)

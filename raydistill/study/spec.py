@@ -24,7 +24,8 @@ THREAT_KEYS = ("eps", "step_size", "attack_steps")
 SCHEDULE_KEYS = ("epochs", "lr", "lr_milestones", "weight_decay", "swa_start")  # per stage, not in train:
 # train: every option-table setting that is not the study's own key, a stage's schedule or the command line's
 NOT_IN_TRAIN = {"dataset", "student", "peer", "teacher", "teacher_arch", "natural_teacher", "natural_teacher_arch",
-                "seed", "test_attacks", "name", "storage_path", "tracking_uri", *THREAT_KEYS, *SCHEDULE_KEYS}
+                "seed", "test_attacks", "name", "storage_path", "tracking_uri", "allow_changed_plugin", *THREAT_KEYS,
+                *SCHEDULE_KEYS}
 TRAIN_KEYS = tuple(n for n, f in {**EXPERIMENT_FIELDS, **PLACEMENT_FIELDS}.items()
                    if f.metadata.get("group") and n not in NOT_IN_TRAIN)
 TEACHER_ROLES = ("robust", "natural")
