@@ -1,6 +1,7 @@
 """``python -m raydistill.report``: the papers' comparison table from the runs recorded in MLflow.
 
-Runs are grouped by their ``method``, ``arch`` and ``dataset`` tags; each group's final test
+Runs are grouped by their ``method``, ``arch`` and ``dataset`` tags (a plugin's runs also by the digest of its
+code, tag ``plugin.NAME``: two versions never share a row); each group's final test
 accuracies (Clean, FGSM, PGD-20, CW-inf, AutoAttack) are summarised as mean ± sample standard
 deviation (ddof=1) over its runs, which differ by their ``seed`` tag. Search trials (children of a
 search run, or a study's search stage) differ by their hyperparameters, not their seeds: they are never
@@ -86,6 +87,10 @@ def run_row(r) -> dict[str, Any]:
            "gpu_hours": wall_h * workers * gpus, "device_hours": wall_h * workers}
     row.update({short: metrics.get(key, math.nan) for short, key, _ in METRICS})
     row["tested"] = any(key in metrics for _, key, _ in METRICS)
+    code = sorted(f"{k[len('plugin.'):]} {v.split(':')[-1][:8]}" for k, v in tags.items()
+                  if k.startswith("plugin.") and k.count(".") == 1)
+    if code:  # a plugin's runs: one row per version of its code (raydistill.provenance), never two mixed
+        row["method"] = f"{row['method']} (plugin {', '.join(code)})"
     return row
 
 
