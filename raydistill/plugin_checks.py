@@ -82,7 +82,7 @@ def _method(plugin, name: str, cls) -> None:
         unknown = sorted(set(layer.get("hp", {})) - set(cls.hparams))
         if unknown:
             raise bad(f"{where} sets hyperparameter '{unknown[0]}', which it does not have")
-    if cls.search_space:
+    if cls.search_space and not plugin.shipped:  # the driver's check (a worker's copy is the .py file alone)
         from . import search_space
 
         path = search_space.declared_path(cls)

@@ -60,6 +60,7 @@ class Plugin:
     module: str = ""
     ship: str | None = None
     roots: list = field(default_factory=list)  # files / folders of its code (digest; where its errors point)
+    shipped: bool = False  # a Ray worker's copy, shipped by the driver (its files beside the code stayed there)
 
     def describe(self) -> str:
         return f"plugin: {self.source} (sha256 {self.digest.split(':', 1)[-1][:12]})"
@@ -170,8 +171,9 @@ def load(spec: str, base: str | os.PathLike | None = None, given: str | None = N
     root = Path(where)
     root = root.parent if root.name == "__init__.py" else root
     seen = sources.get(spec, {})
-    plugin = Plugin(spec, seen.get("kind", "module"), seen.get("source", f"module {spec} at {root}"), given or f"module {spec}", module=spec,
-                    ship=None if _installed(root) else str(root), roots=[root])
+    plugin = Plugin(spec, seen.get("kind", "module"), seen.get("source", f"module {spec} at {root}"),
+                    given or f"module {spec}", module=spec, ship=None if _installed(root) else str(root), roots=[root],
+                    shipped=bool(seen))
     if plugin.ship is None:  # an installed module: its distribution's version
         dist = _distribution_of(top)
         plugin.version = dist[1] if dist else None
