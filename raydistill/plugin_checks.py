@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 from .errors import UsageError
 
 NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -120,6 +121,8 @@ def check_config(cfg) -> None:
     """The checks of the plugin model(s) and method a configuration uses, on 2 images (once per process)."""
     from . import plugins
 
+    if _in_ray_worker():  # a search's trial, a study's run: their driver checked the configuration
+        return
     method = plugins.plugin_of("method", cfg.method)
     models = [(a, plugins.plugin_of("model", a)) for a in dict.fromkeys(x for x in (cfg.student, cfg.peer) if x)]
     models = [(a, p) for a, p in models if p is not None]
@@ -135,6 +138,15 @@ def check_config(cfg) -> None:
     if method is not None:
         _step(method, cfg, shape, classes)
     _checked.add(key)
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    from ray._private import worker
+
+    return worker.global_worker.mode == worker.WORKER_MODE
 
 
 def _shape(cfg) -> tuple[tuple[int, int, int], int]:

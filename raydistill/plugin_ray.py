@@ -25,12 +25,13 @@ def runtime_env() -> dict:
     """The runtime environment that ships this driver's file and local-module plugins ({} when there are none)."""
     from .plugins import ENV, LOADED, SOURCES_ENV
 
-    shipped = [p for p in LOADED.values() if p.ship]
-    if not shipped:
+    named = [p for p in LOADED.values() if p.module]  # files and modules (a package's entry points load themselves)
+    if not named:
         return {}
-    return {"py_modules": sorted({p.ship for p in shipped}),
-            "env_vars": {ENV: ",".join(p.module for p in shipped),
-                         SOURCES_ENV: json.dumps({p.module: {"kind": p.kind, "source": p.source} for p in shipped})}}
+    env = {"env_vars": {ENV: ",".join(p.module for p in named),
+                        SOURCES_ENV: json.dumps({p.module: {"kind": p.kind, "source": p.source} for p in named})}}
+    shipped = sorted({p.ship for p in named if p.ship})  # an installed module is not: every node has it (check_nodes)
+    return {"py_modules": shipped, **env} if shipped else env
 
 
 @contextmanager
@@ -44,8 +45,9 @@ def init_options(kwargs: dict) -> Iterator[dict]:
     job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
     override = {}
     if job:
-        merged = {"py_modules": list(dict.fromkeys([*(job.get("py_modules") or []), *env["py_modules"]])),
-                  "env_vars": {**(job.get("env_vars") or {}), **env["env_vars"]}}
+        merged = {"env_vars": {**(job.get("env_vars") or {}), **env["env_vars"]}}
+        if env.get("py_modules"):
+            merged["py_modules"] = list(dict.fromkeys([*(job.get("py_modules") or []), *env["py_modules"]]))
         if set(merged) & set(job):
             env, override = merged, {OVERRIDE_ENV: "1"}
     saved = {k: os.environ.get(k) for k in override}

@@ -51,8 +51,9 @@ def used_by(cfg) -> dict[str, dict]:
     """The plugins whose names configuration ``cfg`` uses (method, networks, dataset): name -> record."""
     from . import plugins
 
-    names = [("method", cfg.method), ("dataset", cfg.dataset)]
-    names += [("model", a) for a in (cfg.student, cfg.peer, cfg.teacher_arch, cfg.natural_teacher_arch) if a]
+    names = [("method", getattr(cfg, "method", None)), ("dataset", getattr(cfg, "dataset", None))]
+    names += [("model", getattr(cfg, a, None)) for a in ("student", "peer", "teacher_arch", "natural_teacher_arch")]
+    names = [(kind, name) for kind, name in names if name]
     out = {}
     for kind, name in names:
         p = plugins.plugin_of(kind, name)

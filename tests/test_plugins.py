@@ -28,6 +28,19 @@ class {cls}(Method):
 """
 
 
+@pytest.fixture(autouse=True)
+def forget_plugins():
+    """Plugins a test loads in this process are forgotten after it (their names leave the registries)."""
+    from raydistill import plugins
+
+    before = dict(plugins.LOADED)
+    yield
+    for key, p in list(plugins.LOADED.items()):
+        if key not in before:
+            del plugins.LOADED[key]
+            plugins._unload(p)
+
+
 def fake_package(site: Path, dist: str, module: str, entry_points: str, code: str, version: str = "0.3.0") -> None:
     """An installed distribution as pip leaves it (its module, METADATA, entry_points.txt, top_level.txt)."""
     (site / module).mkdir(parents=True)
@@ -180,6 +193,20 @@ def test_a_study_relaunched_with_a_changed_plugin_is_refused(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and sorted(os.listdir(folder)) == ["plugins.json", "study.yaml"]
 
 
+def test_a_search_resumed_with_a_changed_plugin_is_refused(tmp_path):
+    """tune --resume: the search's folder (Tune's state, here its marker file) records other plugin code."""
+    folder = tmp_path / "runs" / "js"
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    (folder / "plugins.json").write_text(json.dumps({"plugins": {"ce_plus": {"digest": "sha256:0123", "source": "old"}}}))
+    proc = cli("tune", "ce_plus", "--plugin", str(PLUGINS / "ce_plus.py"), "--student", "tiny_mlp", "--resume",
+               "--name", "js", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+               timeout=300)
+    assert_one_error_line(proc, "search 'js' was started with plugin ce_plus sha256:0123 (old); it is now sha256:",
+                          "--allow-changed-plugin")
+    assert not (tmp_path / "mlflow.db").exists() and sorted(os.listdir(folder)) == ["plugins.json", "tuner.pkl"]
+
+
 # ----------------------------------------------------------------------------- provenance of a run
 @pytest.mark.slow  # it trains (in-process, 3 epochs of a tiny MLP on digits) and evaluates twice
 def test_a_resumed_run_with_a_changed_plugin_is_refused_unless_allowed(tmp_path, capsys):
@@ -261,6 +288,17 @@ def test_the_study_table_names_a_plugins_row_and_flags_two_versions():
            "search": {"trials": 2, "trial_epochs": 2, "budget_trial_epochs": 2}, "plugins": table.code_of(records)}
     text = table.markdown(SimpleNamespace(name="s", spec=spec, runs=lambda: []), {"mart": row}, {}, 100)
     assert "**mart's final runs span 2 versions of plugin mart** (sha256:aa, sha256:bb)" in text
+
+
+def test_bench_times_a_plugin_method(tmp_path):
+    path = tmp_path / "bench.json"
+    proc = cli("bench", "--methods", "ce_plus", "--plugin", str(PLUGINS / "ce_plus.py"), "--student", "tiny_mlp",
+               "--dataset", "synthetic", "--image-size", "8", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+               "--attack-steps", "2", "--eval-examples", "16", "--threads", "1", "--summary-json", str(path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(path.read_text())["results"]
+    assert r["method"] == "ce_plus" and r["images_per_s"] > 0 and r["passes"] == {"student": {"forward": 4, "backward": 4}}
+    assert r["plugins"]["ce_plus"]["digest"].startswith("sha256:")
 
 
 def test_extend_is_the_public_api():
