@@ -160,7 +160,7 @@ def load(spec: str, base: str | os.PathLike | None = None, given: str | None = N
         found = _find(module)
         if found is not None and Path(found).resolve() != path:
             raise UsageError(f"plugin {given or spec}: its name '{module}' is that of the module {found}; rename the file")
-        plugin = Plugin(module, "file", str(path), given or spec, module=module, ship=str(path), roots=[path])
+        plugin = Plugin(module, "file", _where(path), given or spec, module=module, ship=str(path), roots=[path])
         return _load(str(path), plugin, lambda: _import_file(module, path))
     if spec in LOADED:
         return LOADED[spec]
@@ -179,6 +179,15 @@ def load(spec: str, base: str | os.PathLike | None = None, given: str | None = N
         plugin.version = dist[1] if dist else None
         plugin.source = f"{plugin.source} ({dist[0]}=={dist[1]})" if dist and not seen else plugin.source
     return _load(spec, plugin, lambda: importlib.import_module(spec))
+
+
+def _where(path: Path) -> str:
+    """A file plugin's source as records show it: its path, or inside a submitted job its path in the job's
+    --working-dir (the job runs in Ray's temporary copy of it)."""
+    cwd = Path.cwd()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and "working_dir_files" in cwd.parts[-2:-1] and path.is_relative_to(cwd):
+        return f"{path.relative_to(cwd)} (in the submitted job's --working-dir)"
+    return str(path)
 
 
 def _find(module: str) -> str | None:

@@ -88,7 +88,9 @@ def test_a_submitted_search_ships_the_plugin_and_attacks_its_best_trial(cluster,
     assert len(ran) == 2, f"the search's trials ran the plugin on {ran}, not on both nodes"
     s = json.loads((tmp_path / "jt.json").read_text())
     assert s["num_trials"] == 2 and s["best"]["metrics"]["test_aa_acc"] >= 0.0
-    assert s["plugins"]["ce_plus"]["digest"].startswith("sha256:")
+    assert s["plugins"]["ce_plus"]["digest"] == "sha256:" + __import__("hashlib").sha256(
+        (user / "ce_plus.py").read_bytes()).hexdigest()
+    assert s["plugins"]["ce_plus"]["source"] == "ce_plus.py (in the submitted job's --working-dir)"
     c = MlflowClient(uri)
     assert c.get_run(s["mlflow_run_id"]).data.tags["plugin.ce_plus"] == s["plugins"]["ce_plus"]["digest"]
     assert all(c.get_run(t["mlflow_run_id"]).data.tags["plugin.ce_plus"] == s["plugins"]["ce_plus"]["digest"]
