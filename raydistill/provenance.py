@@ -82,9 +82,9 @@ def check_resume(folder: str, used: dict[str, dict], allow: bool, what: str) -> 
     returns ``{name: (old digest, new digest)}`` of the changed ones; a change is a UsageError unless ``allow``."""
     from . import storage
 
-    path = storage.join(folder, RECORD_FILE)
-    if not used and not storage.exists(path):
+    if not used:  # built-ins only (a plugin's run relaunched without it fails on its unknown name first)
         return {}
+    path = storage.join(folder, RECORD_FILE)
     try:
         before = json.loads(storage.read_bytes(path)).get("plugins", {})
     except FileNotFoundError:
@@ -105,9 +105,9 @@ def record(folder: str, used: dict[str, dict], changes: dict[str, tuple] | None 
     """Write ``folder``/plugins.json: the plugins used now, and the history of allowed changes."""
     from . import storage
 
-    path = storage.join(folder, RECORD_FILE)
-    if not used and not storage.exists(path):
+    if not used:
         return
+    path = storage.join(folder, RECORD_FILE)
     try:
         history = json.loads(storage.read_bytes(path)).get("history", [])
     except FileNotFoundError:
