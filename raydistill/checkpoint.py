@@ -123,6 +123,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise UsageError(f"{what} '{path}' has {ck_classes} classes, but the dataset has {num_classes}")
         if in_shape is not None and tuple(in_shape) != ck_shape:
             raise UsageError(f"{what} '{path}' was trained on inputs {tuple(ck_shape)}, but the dataset has {tuple(in_shape)}")
+        from .provenance import require
+
+        require("model", ck_arch, obj.get("meta") or {}, f"{what} '{path}'")  # a plugin's model: its plugin loaded
         model = build_model(ck_arch, ck_classes, ck_shape)
         load_state_dict_into(model, obj["state_dict"], source=str(path))
         meta = dict(obj.get("meta", {}))

@@ -93,6 +93,8 @@ class Placement:
     tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI (default: MLflow's own default)")
     experiment: str = opt("raydistill", group="run", help="MLflow experiment name (default raydistill)")
     mlflow_run_id: str | None = opt(None, None)
+    allow_changed_plugin: bool = opt(False, bool, "run", "resume a run (or search) although a plugin it uses changed since "
+                                     "it started (refused otherwise); the change is recorded")
 
     @property
     def elastic(self) -> bool:

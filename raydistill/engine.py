@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import fastpath
+from . import fastpath, provenance
 from .checkpoint import TrainingState, load_model
 from .config import TrainConfig
 from .data import iterate_batches, load_dataset
@@ -315,8 +315,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         cfg = self.cfg
-        return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps,
-                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"]}
+        return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps, "step_size": cfg.step_size,
+                "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"], "plugins": provenance.used_by(cfg)}
 
     def write_checkpoint(self, directory: str) -> None:
         d = self.data

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import evalrun, storage
+from . import evalrun, plugins, provenance, storage
 from .checkpoint import FORMAT, safe_load
 from .cli import ArgParser, nonneg_float, nonneg_int, positive_float, positive_int
 from .errors import UsageError, cli_entry
@@ -70,6 +70,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    plugins.add_option(p)
     return p
 
 
@@ -118,9 +119,10 @@ def _log_mlflow(target: tuple[str, str | None], experiment: str, summary: dict, 
                                    tags={"raydistill.command": "evaluate", "dataset": summary["dataset"]}, reuse=False)
     params = {"test/eps": summary["eps"], "test/step_size": summary["step_size"], "test/n_examples": summary["n_examples"],
               "test/attacks": ",".join(summary["attacks"]), "test/checkpoint": summary["checkpoint"][:500]}
-    clash = tracking.log_batch(uri, run_id, metrics=mlflow_metrics(summary), params=params,
-                               tags={"masking_flags": ",".join(summary["masking_flags"]) or "none"}
-                               if summary.get("masking_flags") is not None else None)
+    tags = provenance.tags(summary.get("plugins") or {})
+    if summary.get("masking_flags") is not None:
+        tags["masking_flags"] = ",".join(summary["masking_flags"]) or "none"
+    clash = tracking.log_batch(uri, run_id, metrics=mlflow_metrics(summary), params=params, tags=tags or None)
     if clash:
         print(f"note: run {run_id} already had {', '.join(clash)} from an earlier evaluation; kept those params")
     if per_image is not None:
@@ -253,6 +255,7 @@ def evaluate_on_cluster(checkpoint: str, attacks: list[str], *, storage_path: st
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plugins.use(args.plugin)
 
     # ---- every argument is checked before data or model are loaded
     from .data import DATASETS, load_dataset
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UsageError(f"checkpoint '{path}' does not record its dataset; give --dataset")
+    provenance.require("model", arch, meta, f"checkpoint '{path}'")  # a plugin's: say which plugin is missing
+    provenance.require("dataset", dataset, meta, f"checkpoint '{path}'")
     DATASETS.get(dataset)
     eps = args.eps if args.eps is not None else float(meta.get("eps", DEFAULT_EPS))
     if args.step_size is not None:
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except WorkersUnavailable as exc:
         print(f"error: evaluation stopped: {exc}", file=sys.stderr)
         return 1
-    summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"}}
+    summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"},
+               "plugins": meta.get("plugins") or {}}  # the code that trained it (raydistill.provenance)
     print(_table(summary))
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)

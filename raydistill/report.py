@@ -1,6 +1,7 @@
 """``python -m raydistill.report``: the papers' comparison table from the runs recorded in MLflow.
 
-Runs are grouped by their ``method``, ``arch`` and ``dataset`` tags; each group's final test
+Runs are grouped by their ``method``, ``arch`` and ``dataset`` tags (a plugin's runs also by the digest of its
+code, tag ``plugin.NAME``: two versions never share a row); each group's final test
 accuracies (Clean, FGSM, PGD-20, CW-inf, AutoAttack) are summarised as mean ± sample standard
 deviation (ddof=1) over its runs, which differ by their ``seed`` tag. Search trials (children of a
 search run, or a study's search stage) differ by their hyperparameters, not their seeds: they are never
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import storage, tracking
+from . import plugins, storage, tracking
 from .cli import ArgParser
 from .errors import UsageError, cli_entry
 
@@ -53,6 +54,7 @@ def parser() -> ArgParser:
     p.add_argument("--out", default="report", help="output folder or storage URI (s3://, gs://; default ./report)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the outputs as artifacts: of the search's parent run, else of a new 'report' run")
+    plugins.add_option(p)
     return p
 
 
@@ -85,6 +87,10 @@ def run_row(r) -> dict[str, Any]:
            "gpu_hours": wall_h * workers * gpus, "device_hours": wall_h * workers}
     row.update({short: metrics.get(key, math.nan) for short, key, _ in METRICS})
     row["tested"] = any(key in metrics for _, key, _ in METRICS)
+    code = sorted(f"{k[len('plugin.'):]} {v.split(':')[-1][:8]}" for k, v in tags.items()
+                  if k.startswith("plugin.") and k.count(".") == 1)
+    if code:  # a plugin's runs: one row per version of its code (raydistill.provenance), never two mixed
+        row["method"] = f"{row['method']} (plugin {', '.join(code)})"
     return row
 
 
@@ -331,6 +337,7 @@ def check_out_dir(path: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     remote = storage.is_remote(args.out)  # s3://, gs://: written here, then uploaded
     out = Path(tempfile.mkdtemp(prefix="raydistill-report-")) if remote else check_out_dir(args.out)
     uri = tracking.open_store(args.tracking_uri)

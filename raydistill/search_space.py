@@ -27,6 +27,7 @@ conditional on earlier ones (define-by-run: it is only sampled when the conditio
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,11 +43,26 @@ SCHEDULE_KINDS = ("constant", "linear", "step")
 
 
 def default_path(method: str) -> Path:
-    """search_spaces/METHOD.yaml next to the package (source checkout) or in the working folder."""
+    """The YAML file the method declares (``Method.search_space``, a plugin's), else search_spaces/METHOD.yaml
+    in the working folder or next to the package (source checkout)."""
+    from .methods import get_method
+
+    declared = declared_path(get_method(method))
+    if declared is not None:
+        return declared
     for base in (Path.cwd() / "search_spaces", SPACES_DIR):
         if (base / f"{method}.yaml").exists():
             return base / f"{method}.yaml"
     return SPACES_DIR / f"{method}.yaml"
+
+
+def declared_path(cls) -> Path | None:
+    """The search space method class ``cls`` declares (``search_space``: relative to its module's file), or None."""
+    if not cls.search_space:
+        return None
+    module = sys.modules.get(cls.__module__)
+    base = Path(module.__file__).parent if module is not None and getattr(module, "__file__", None) else Path.cwd()
+    return (base / os.path.expanduser(cls.search_space)).resolve()
 
 
 class SearchSpace:
@@ -108,7 +124,8 @@ def load(method: str, path: str | os.PathLike | None = None) -> SearchSpace:
     cls = get_method(method)
     p = Path(path) if path else default_path(method)
     if not p.exists():
-        raise UsageError(f"search space '{p}' does not exist; give --search-space FILE or create search_spaces/{method}.yaml")
+        raise UsageError(f"search space '{p}' does not exist; give --search-space FILE, create search_spaces/{method}.yaml "
+                         "or (a plugin's method) declare search_space = 'FILE.yaml' on its class")
     try:
         doc = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:

@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # would add, and how to keep it: docs/clusters.md, "Quiet output".
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+from . import plugin_ray, plugins, provenance
 from .cli import ArgParser
 from .config import TrainConfig, add_run_options, build_config
 from .errors import USAGE_ERROR_PREFIX, UsageError, cli_entry
@@ -35,7 +36,9 @@ class TrainingFailed(RuntimeError):
 def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
     p.add_argument("method", nargs="?", help="method name (see --list)")
-    p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
+    p.add_argument("--list", action="store_true", help="print the methods, one per line: the name, then where it comes "
+                   "from (built-in, or the plugin), and exit")
+    plugins.add_option(p)
     add_run_options(p, helps={"tracking_uri": "MLflow tracking URI (default: MLflow's own default); "
                                               "none = tracking off: no MLflow run, MLflow not imported"})
     return p
@@ -46,11 +49,14 @@ def default_name(cfg: TrainConfig) -> str:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Checks that need files (teacher checkpoints): done on the driver before any run exists."""
+    """Checks that need files (teacher checkpoints) or run code (a plugin's model and method on 2 images:
+    raydistill.plugin_checks): done on the driver before any run exists."""
     from .checkpoint import load_model
     from .data import DATASETS
     from .methods import get_method
+    from .plugin_checks import check_config
 
+    check_config(cfg)
     spec = DATASETS.get(cfg.dataset)
     n_classes = spec.num_classes or cfg.dataset_options.get("num_classes", 10)
     shape = spec.in_shape
@@ -74,15 +80,20 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
     cfg = replace(cfg, placement=replace(p, name=p.name or default_name(cfg), storage_path=storage.root(p.storage_path),
                                          tracking_uri=tracking.OFF if off else tracking.resolve_uri(p.tracking_uri)))
     preflight(cfg)
+    used = provenance.used_by(cfg)  # which code: the plugins' digests, checked against a resumed run's (provenance)
+    changes = provenance.check_resume(cfg.placement.run_dir(), used, cfg.placement.allow_changed_plugin,
+                                      f"run '{cfg.placement.name}'")
     if not cfg.placement.in_process:
         init_ray(log_to_driver=not quiet)
         if check_storage:
             require_shared_storage(cfg.placement.storage_path)  # before any run exists
     if not off:
         tracking.check_reachable(cfg.placement.tracking_uri)
-        cfg = replace(cfg, placement=replace(cfg.placement,
-                                             mlflow_run_id=tracking.start_run(cfg, parent_run_id=parent_run_id,
-                                                                                             tags=tags)))
+        run_id = tracking.start_run(cfg, parent_run_id=parent_run_id, tags=tags)
+        if used or changes:  # also on a resumed run (start_run reuses it as it was)
+            tracking.log_batch(cfg.placement.tracking_uri, run_id, tags=provenance.tags(used, changes))
+        cfg = replace(cfg, placement=replace(cfg.placement, mlflow_run_id=run_id))
+    provenance.record(cfg.placement.run_dir(), used, changes)
     p = cfg.placement
     t0 = time.time()
     try:
@@ -118,7 +129,8 @@ def launch(cfg: TrainConfig, *, parent_run_id: str | None = None, callbacks: lis
 
 
 def init_ray(**kwargs: Any) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance whose workers run at nice 0; with the
+    plugins this process loaded shipped to every worker, and the installed ones checked on every node."""
     import ray
 
     if ray.is_initialized():
@@ -140,11 +152,14 @@ def init_ray(**kwargs: Any) -> None:
     else:
         kwargs.setdefault("runtime_env", _job_env())
     os.environ.update(local)
-    try:
-        ray.init(logging_level="ERROR", **kwargs)
+    plugins.load_environment()
+    try:  # the plugins' code goes to every worker of every node (py_modules; raydistill.plugin_ray)
+        with plugin_ray.init_options(kwargs) as options:
+            ray.init(logging_level="ERROR", **options)
     finally:
         for k in local:
             os.environ.pop(k, None)
+    plugin_ray.check_nodes()  # an installed plugin that a node lacks: one error line naming the node
     _sigterm_as_ctrl_c()
 
 
@@ -301,7 +316,7 @@ def summary(cfg: TrainConfig, metrics: dict, checkpoint: str | None, wall: float
             "best_is_averaged": bool(metrics.get("best_is_averaged", 0.0)),
             "metrics": test, "selected_by": selected_by(cfg.method), "val_best_acc": metrics.get("val/best_acc"),
             "val_best_clean_acc": metrics.get("val/best_clean_acc"), "val_best_pgd10_acc": metrics.get("val/best_pgd10_acc"),
-            "wall_time_s": round(wall, 2)}
+            "wall_time_s": round(wall, 2), "plugins": provenance.used_by(cfg)}
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -328,8 +343,9 @@ def main(argv: list[str] | None = None, hooks: tuple | list = ()) -> int:
     from .methods import METHODS
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     if args.list:
-        print("\n".join(METHODS.names()))
+        print("\n".join(plugins.listing("method")))
         return 0
     if not args.method:
         raise UsageError(f"give a METHOD; choose from: {', '.join(METHODS.names())}")

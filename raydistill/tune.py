@@ -21,6 +21,7 @@ from typing import Any
 # Ray reads this when it is imported: without it, it folds progress lines that differ only in numbers
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from . import plugins, provenance
 from .cli import ArgParser, nonneg_float, positive_int
 from .config import TrainConfig, add_run_options, build_config, flags_of, parse_set
 from .errors import UsageError, cli_entry
@@ -49,23 +50,23 @@ def parser() -> ArgParser:
     g.add_argument("--gpus-per-trial", type=nonneg_float, help="GPUs per trial, split over its workers (0.5 packs two trials on a GPU)")
     g.add_argument("--top-k", type=int, help="AutoAttack on the k best trials at the end (default 1; 0 = none)")
     g.add_argument("--aa-n-examples", type=positive_int, help="test images for AutoAttack (default 1000)")
+    plugins.add_option(p)
     return p
 
 
 # ============================================================================= one trial
-def run_trial(config: dict, *, method: str, flags: dict, hp: dict, space_path: str, parent_run_id: str,
-              search: str) -> None:
+def run_trial(config: dict, *, method: str, flags: dict, hp: dict, space, parent_run_id: str, search: str) -> None:
     """The Tune function: one TorchTrainer run. The trial's sampled values are the configuration's top
-    layer, above the search's own flags and ``--set`` values (resolved once, here)."""
+    layer, above the search's own flags and ``--set`` values (resolved once, here). ``space``: the loaded
+    SearchSpace (its file, e.g. a plugin's, need not exist on the trial's node)."""
     import optuna
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from . import search_space, storage
+    from . import storage
     from .config import resolve
     from .train import launch
 
-    space = search_space.load(method, space_path)
     values = {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))}
     place = dict(flags, name=f"{search}-{ray.tune.get_context().get_trial_id()}",
                  storage_path=storage.join(flags["storage_path"], search, "trials"))
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import cpus_each, init_ray, preflight, require_shared_storage, write_json
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     cfg = build_config(args.method, args)
     extra = TUNE_PRESETS.get(args.preset or "", {})
     num_samples = args.num_samples or extra.get("num_samples", 8)
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     elif storage.exists(exp_path):
         raise UsageError(f"a search named '{name}' already exists under {root}; add --resume to continue it or choose another --name")
     preflight(cfg)
+    used = provenance.used_by(cfg)  # which code: a resumed search's plugins must be those it started with
+    changes = provenance.check_resume(exp_path, used, cfg.placement.allow_changed_plugin, f"search '{name}'") \
+        if args.resume else {}
     # the search's placement, filled once; each trial gets its own name and folder under it
     place = {"storage_path": root, "tracking_uri": tracking.resolve_uri(p.tracking_uri)}
     if args.gpus_per_trial is not None:
@@ -148,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         place["cpus_per_worker"] = cpus_each(max_concurrent * p.workers)
     cfg = replace(cfg, placement=replace(p, **place))
     parent = start_parent(cfg, name, space, num_samples, args)
+    if used or changes:
+        tracking.log_batch(cfg.placement.tracking_uri, parent, tags=provenance.tags(used, changes))
+    provenance.record(exp_path, used, changes)
     t0 = time.time()
     trainable = tune.with_resources(
         functools.partial(run_trial, method=cfg.method, flags={**flags_of(args), **place}, hp=parse_set(args.set),
-                          space_path=str(space.path), parent_run_id=parent, search=name),
+                          space=space, parent_run_id=parent, search=name),
         {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
     try:
         if args.resume:
@@ -305,7 +313,8 @@ def tune_summary(cfg, name, parent, trials, objectives, wall, args) -> dict[str,
             "tracking_uri": cfg.placement.tracking_uri, "search": args.search, "scheduler": args.scheduler,
             "objectives": objectives, "num_trials": len(trials),
             "trial_epochs": sum(t["epochs_completed"] for t in trials),
-            "wall_time_s": round(wall, 1), "trials": trials, "best": best, "pareto_front": pareto}
+            "wall_time_s": round(wall, 1), "trials": trials, "best": best, "pareto_front": pareto,
+            "plugins": provenance.used_by(cfg)}
 
 
 def finish_parent(cfg, parent: str, s: dict, failure: str | None = None) -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.errors import UsageError
-from raydistill.models import MODELS, build_model, load_state_dict_into
+from raydistill.models import INPUT_SIZES, MODELS, build_model, load_state_dict_into
 
 HEAVY = {"wrn34_20", "wrn70_16"}  # 185M / 267M parameters: seconds per pass on a CPU
 # every architecture at every class count; the heavy ones (a pass takes seconds) at the largest head only,
@@ -22,7 +22,7 @@ def test_registry_names():
 
 def sizes(arch):
     """8x8 (or the architecture's smallest side, if larger: trades_smallcnn's 16), 32x32 and 64x64."""
-    return [max(8, getattr(MODELS.get(arch), "MIN_SIDE", 1)), 32, 64]
+    return [max(8, INPUT_SIZES.get(arch, (None, 1))[1]), 32, 64]
 
 
 @pytest.mark.parametrize("arch,num_classes", CASES)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import fastpath
+from .. import fastpath, plugins
 from ..cli import ArgParser, nonneg_int, positive_int
 from ..config import add_run_options
 from ..errors import UsageError, cli_entry
@@ -74,6 +74,7 @@ def parser() -> ArgParser:
                    help="epochs of each run not timed (default: half; Ray's daemons start up beside the first)")
     g.add_argument("--pgd20-check", metavar="CHECKPOINT", help="PGD-20 accuracy of a checkpoint: fp32 vs fast path")
     p.add_argument("--summary-json", help="write the results as JSON here")
+    plugins.add_option(p)
     return p
 
 
@@ -84,6 +85,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     from ..models import MODELS
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods:
         raise UsageError("--methods is empty; give e.g. --methods pgd_at,peeraid")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import fastpath
 from ..config import TrainConfig, resolve
+from ..plugin_checks import check_config
 from ..steprunner import StepRunner
 
 
@@ -57,8 +58,10 @@ class Bench:
         flags.update({k: v for k, v in changes.items() if k not in ("in_process", "threads")})
         cfg = resolve(method, {k: v for k, v in flags.items() if v is not None}, hp)
         place = {k: changes[k] for k in ("in_process", "threads") if k in changes}
-        return dataclasses.replace(cfg, dataset_options=dict(self.options),
-                                   placement=dataclasses.replace(cfg.placement, **{"threads": a.threads, **place}))
+        cfg = dataclasses.replace(cfg, dataset_options=dict(self.options),
+                                  placement=dataclasses.replace(cfg.placement, **{"threads": a.threads, **place}))
+        check_config(cfg)  # a plugin's model and method on 2 images: one error line before anything is timed
+        return cfg
 
     def runner(self, cfg: TrainConfig) -> StepRunner:
         """An in-process run of ``cfg``, set up, in a folder of its own."""

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 from torch import Tensor
 
 from .. import fastpath
+from ..provenance import used_by
 from ..steprunner import StepRunner
 from .configs import Bench
 from .measure import PassCounter, PeakMemory, run_steps, sync
@@ -121,6 +122,6 @@ def bench_method(bench: Bench, method: str) -> dict[str, Any]:
             "precision": cfg.precision, "features": dataclasses.asdict(fastpath.FastPath.of(cfg)),
             "images_per_s": timing.images_per_s, "step_time_s": step_s,
             "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12 if step_s > 0 else None,
-            "data_share": timing.data_share,
+            "data_share": timing.data_share, "plugins": used_by(cfg),
             "eval_images_per_s": eval_speed(runner, a.eval_examples, a.eval_batch_size),
             "passes": passes, "peak_mem_mb": mem.mb, "peak_mem_source": mem.source}

@@ -160,6 +160,8 @@ class Method:
     settings: ClassVar[dict[str, Any]] = {}
     # the validation accuracy ("pgd10" or "clean", SELECTIONS) by which the loop keeps the best checkpoint
     selection: ClassVar[str] = "pgd10"
+    # its search space, a YAML file relative to its module's file (a plugin's; the built-ins': search_spaces/)
+    search_space: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

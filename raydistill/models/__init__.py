@@ -2,7 +2,7 @@
 
 All networks use a 3x3 stride-1 stem without max-pool and average-pool adaptively before the classifier,
 so they accept any input size from 8x8 (digits) through 32x32 (CIFAR) to 64x64 (TinyImageNet); except
-``trades_smallcnn``, TRADES' MNIST network (28x28; any input from 16x16: ``MIN_SIDE``).
+``trades_smallcnn``, TRADES' MNIST network (28x28; any input from 16x16: INPUT_SIZES, ``register_model``).
 They take inputs in [0, 1] (no normalisation layer), use no in-place activations (input gradients
 for attacks stay valid) and work with ``channels_last``.
 """
@@ -21,21 +21,60 @@ from .compact import VGG, MobileNetV2, SmallCNN, TradesSmallCNN
 from .resnet import ResNet, preact_resnet18, resnet18, resnet34
 from .wideresnet import WideResNet
 
-__all__ = ["MODELS", "build_model", "load_state_dict_into", "ResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN",
-           "TradesSmallCNN", "check_input"]
+__all__ = ["MODELS", "INPUT_SIZES", "register_model", "check_input", "build_model", "load_state_dict_into", "ResNet",
+           "WideResNet", "MobileNetV2", "VGG", "SmallCNN", "TradesSmallCNN"]
 
 # name -> factory(num_classes, in_channels) -> nn.Module
 MODELS: Registry[Callable[[int, int], nn.Module]] = Registry("model")
-MODELS.add("resnet18", resnet18)
-MODELS.add("resnet34", resnet34)
-MODELS.add("preact_resnet18", preact_resnet18)
-MODELS.add("wrn34_10", functools.partial(WideResNet, 34, 10))
-MODELS.add("wrn34_20", functools.partial(WideResNet, 34, 20))
-MODELS.add("wrn70_16", functools.partial(WideResNet, 70, 16))
-MODELS.add("mobilenet_v2", MobileNetV2)
-MODELS.add("vgg16", functools.partial(VGG, VGG.CFG16))
-MODELS.add("small_cnn", SmallCNN)
-MODELS.add("trades_smallcnn", TradesSmallCNN)  # TRADES' SmallCNN for MNIST (yaodongyu/TRADES)
+# name -> the inputs a model accepts: (exact (height, width) sizes or None for any, smallest side); absent: any
+# size from 1x1 (the built-ins pool adaptively: 8x8 digits to 64x64 TinyImageNet)
+INPUT_SIZES: dict[str, tuple[tuple[tuple[int, int], ...] | None, int]] = {}
+
+
+def register_model(name: str, factory: Callable[[int, int], nn.Module], *, input_sizes=None,
+                   min_side: int | None = None) -> Callable:
+    """Register ``factory(num_classes, in_channels) -> nn.Module`` as model ``name`` (usable as a decorator's
+    target: returns ``factory``). The inputs it accepts: ``input_sizes``, the image sizes, each a side (32) or a
+    (height, width) pair (None: any), and ``min_side``, the smallest side (None: 1). A model given inputs it does
+    not accept is refused before a run starts (:func:`check_input`)."""
+    sizes = None
+    if input_sizes is not None:
+        try:
+            sizes = tuple((int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in input_sizes)
+        except (TypeError, ValueError, IndexError):
+            raise UsageError(f"model '{name}': input_sizes {input_sizes!r} must be a list of sides (32) or "
+                             "(height, width) pairs") from None
+    MODELS.add(name, factory)
+    if sizes is not None or min_side:
+        INPUT_SIZES[name] = (sizes, int(min_side or 1))
+    return factory
+
+
+# the built-ins, registered as a plugin's models are
+register_model("resnet18", resnet18)
+register_model("resnet34", resnet34)
+register_model("preact_resnet18", preact_resnet18)
+register_model("wrn34_10", functools.partial(WideResNet, 34, 10))
+register_model("wrn34_20", functools.partial(WideResNet, 34, 20))
+register_model("wrn70_16", functools.partial(WideResNet, 70, 16))
+register_model("mobilenet_v2", MobileNetV2)
+register_model("vgg16", functools.partial(VGG, VGG.CFG16))
+register_model("small_cnn", SmallCNN)
+register_model("trades_smallcnn", TradesSmallCNN, min_side=16)  # TRADES' SmallCNN for MNIST (yaodongyu/TRADES)
+
+
+def check_input(arch: str, in_shape, what: str = "") -> None:
+    """A one-line UsageError when model ``arch`` does not accept images of ``in_shape`` (C, H, W) (INPUT_SIZES)."""
+    MODELS.get(arch)
+    sizes, side = INPUT_SIZES.get(arch, (None, 1))
+    h, w = (int(s) for s in tuple(in_shape)[1:])
+    where = f" ({what})" if what else ""
+    if sizes is not None and (h, w) not in sizes:
+        accepted = ", ".join(f"{a}x{b}" for a, b in sizes)
+        raise UsageError(f"model '{arch}' accepts inputs of {accepted}, not {h}x{w}{where}")
+    if min(h, w) < side:
+        raise UsageError(f"model '{arch}' takes images of at least {side}x{side}, not {h}x{w}{where}; choose another "
+                         "architecture, e.g. small_cnn")
 
 # Keys under which training scripts commonly nest the state_dict; prefixes added by DDP and torch.compile.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -57,15 +96,6 @@ def build_model(arch: str, num_classes: int, in_shape=(3, 32, 32)) -> nn.Module:
     model = factory(int(num_classes), in_shape[0])
     model.arch, model.num_classes, model.in_shape = arch, int(num_classes), in_shape
     return model
-
-
-def check_input(arch: str, in_shape, what: str = "") -> None:
-    """A one-line UsageError when ``arch`` cannot take images of ``in_shape`` (C, H, W) (its ``MIN_SIDE``)."""
-    side = getattr(MODELS.get(arch), "MIN_SIDE", 1)
-    if in_shape is not None and min(int(s) for s in tuple(in_shape)[1:]) < side:
-        h, w = tuple(in_shape)[1:]
-        raise UsageError(f"{arch} takes images of at least {side}x{side}, not {h}x{w}{' (' + what + ')' if what else ''}; "
-                         f"choose another architecture, e.g. small_cnn")
 
 
 def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:

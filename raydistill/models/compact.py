@@ -107,10 +107,8 @@ class TradesSmallCNN(nn.Module):
     state_dict saved by TRADES' code (e.g. its released ``model_mnist_smallcnn.pt``) loads as it is. ReLUs are not
     in place (TRADES': in place; the same function, and input gradients for attacks stay valid). The features
     are average-pooled to 4x4, which at 28x28 (MNIST, Fashion-MNIST) is the identity: there it is TRADES'
-    network exactly. Inputs from 16x16 up work; smaller ones (digits' 8x8) are refused (``MIN_SIDE``).
+    network exactly. Inputs from 16x16 up work; smaller ones (digits' 8x8) are refused (registered with min_side=16).
     """
-
-    MIN_SIDE = 16
 
     def __init__(self, num_classes: int, in_channels: int = 1, drop: float = 0.5):
         super().__init__()

@@ -29,11 +29,12 @@ def find(name_or_path: str) -> Path:
 
 
 def load_study(name_or_path: str, name: str | None = None, storage_path: str | None = None,
-               tracking_uri: str | None = None) -> Plan:
+               tracking_uri: str | None = None, allow_changed_plugin: bool = False) -> Plan:
     """Read, check and plan a study (raises UsageError, one line, before anything is created)."""
     path = find(name_or_path)
     return build_plan(load(path, label=name_or_path if path == Path(name_or_path) else str(path)),
-                      name=name, storage_path=storage_path, tracking_uri=tracking_uri)
+                      name=name, storage_path=storage_path, tracking_uri=tracking_uri,
+                      allow_changed_plugin=allow_changed_plugin)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ MLflow store) and imports neither Ray nor MLflow.
 """
 from __future__ import annotations
 
+from .. import plugins
 from ..cli import ArgParser
 from ..errors import UsageError, cli_entry
 
@@ -23,21 +24,31 @@ def parser() -> ArgParser:
     p.add_argument("--summary-json", help="write the study summary JSON here when the study ends")
     p.add_argument("--dry-run", action="store_true", help="validate the study and print its plan (stages, runs, "
                                                           "budgets, estimated device-hours); run and create nothing")
+    p.add_argument("--allow-changed-plugin", action="store_true",
+                   help="with --resume: continue although a plugin the study uses changed since it started (refused "
+                        "otherwise); the change is recorded and its table says which rows span two versions")
+    plugins.add_option(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..plugin_checks import check_config
     from . import load_study
     from .show import format_plan
 
     args = parser().parse_args(argv)
+    plugins.use(args.plugin)
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise UsageError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
     for flag, value in (("--storage-path", args.storage_path), ("--tracking-uri", args.tracking_uri),
                         ("--summary-json", args.summary_json)):
         if value is not None and not value.strip():
             raise UsageError(f"{flag} is empty; give a path or URI")
-    plan = load_study(args.study, name=args.name, storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+    plan = load_study(args.study, name=args.name, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+                      allow_changed_plugin=args.allow_changed_plugin)
+    for run in plan.runs():  # a plugin's model and method on 2 images, before anything runs (dry run too)
+        if run.config is not None:
+            check_config(run.config)
     if args.dry_run:
         print(format_plan(plan))
         print("\ndry run: nothing was run or created" + (f"; --summary-json {args.summary_json} not written"

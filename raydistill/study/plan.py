@@ -126,8 +126,10 @@ def _base_where(spec: StudySpec, owner: Where, message: str) -> Where:
     return owner
 
 
-def _base(spec: StudySpec, storage_path: str | None, tracking_uri: str | None) -> dict:
+def _base(spec: StudySpec, storage_path: str | None, tracking_uri: str | None, allow_changed_plugin: bool = False) -> dict:
     flags = {"dataset": spec.dataset, "student": spec.student, **spec.threat, **spec.train}
+    if allow_changed_plugin:  # its runs, relaunched, resume too (raydistill.provenance)
+        flags["allow_changed_plugin"] = True
     if spec.peer:
         flags["peer"] = spec.peer
     if storage_path:
@@ -196,12 +198,12 @@ def _schedule_text(spec: StudySpec, cfg: TrainConfig, overrides: dict) -> str:
 
 # ----------------------------------------------------------------------------- the plan
 def build_plan(spec: StudySpec, name: str | None = None, storage_path: str | None = None,
-               tracking_uri: str | None = None) -> Plan:
+               tracking_uri: str | None = None, allow_changed_plugin: bool = False) -> Plan:
     """The study's stages and runs, every configuration resolved and every run estimated (raises UsageError)."""
     from .. import storage
 
     cost = CostModel(spec.dataset, spec.estimate)
-    base = _base(spec, storage_path, tracking_uri)
+    base = _base(spec, storage_path, tracking_uri, allow_changed_plugin)
     needed = {role for m in spec.methods for role in teachers_needed(m.name)}
     for role in spec.teachers:
         if role not in needed:

@@ -30,7 +30,7 @@ STUDY_FILE = "study.yaml"
 
 def run_study(plan: Plan, args: argparse.Namespace) -> int:
     """Run ``plan`` (``args``: the command line: resume, summary_json...); returns the exit code."""
-    from .. import storage, tracking
+    from .. import provenance, storage, tracking
     from ..train import init_ray, require_shared_storage, root_cause, write_json
     from .plan import study_dir
     from .records import Study
@@ -40,6 +40,8 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
     if args.resume and not started:
         raise UsageError(f"--resume: no study named '{plan.name}' under {plan.root}; give the --name and "
                          "--storage-path of the interrupted study")
+    used = provenance.used_by_all(r.config for r in plan.runs() if r.config is not None)  # which code (provenance)
+    changes = provenance.check_resume(folder, used, args.allow_changed_plugin, f"study '{plan.name}'") if started else {}
     uri = tracking.resolve_uri(plan.tracking_uri)
     tracking.check_reachable(uri)
     experiment = next((r.config.placement.experiment for r in plan.runs() if r.config is not None), "raydistill")
@@ -50,11 +52,14 @@ def run_study(plan: Plan, args: argparse.Namespace) -> int:
         os.makedirs(folder, exist_ok=True)
     if not started:  # the study's folder holds the file it was started with: a relaunch finds it
         storage.upload(str(plan.spec.path), storage.join(folder, STUDY_FILE))
+    provenance.record(folder, used, changes)
     study.parent = tracking.open_run(uri, experiment, plan.name, "study", tags=study.tags("study"),
                                      params={"dataset": plan.spec.dataset, "student": plan.spec.student,
                                              "methods": ",".join(m.name for m in plan.spec.methods),
                                              "seeds": ",".join(map(str, plan.spec.final.seeds)),
                                              "study_file": str(plan.spec.path)})
+    if used or changes:
+        tracking.log_batch(uri, study.parent, tags=provenance.tags(used, changes))
     study.event(("continuing" if started else "starting") + f" in {folder}; MLflow run {study.parent} ({uri})")
     try:
         s = _stages(study)
@@ -125,7 +130,7 @@ def _stages(study) -> dict:
 
 def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> dict:
     """Write report.md, pareto.png and study.json to the study's folder and the study's MLflow run."""
-    from .. import storage, tracking
+    from .. import provenance, storage, tracking
     from ..train import write_json
     from . import table
 
@@ -139,6 +144,7 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
     n_images = next(iter(evals.values()))["n_examples"] if evals else 0
     report_uri = study.path("report.md")
     s = table.summary(plan, study.parent, report_uri, methods, hours)
+    s["plugins"] = provenance.used_by_all(r.config for r in plan.runs() if r.config is not None)
     with tempfile.TemporaryDirectory() as tmp:
         files = {"report.md": os.path.join(tmp, "report.md"), "study.json": os.path.join(tmp, "study.json")}
         if table.pareto_plot(methods, os.path.join(tmp, "pareto.png")):

@@ -77,17 +77,16 @@ class Progress(Callback):
                          f"{self.epochs} epochs{val} (budget {self.budget} trial-epochs)")
 
 
-def run_trial(config: dict, *, run, teachers: dict, space_path: str, parent_run_id: str, prefix: str, folder: str,
+def run_trial(config: dict, *, run, teachers: dict, space, parent_run_id: str, prefix: str, folder: str,
               place: dict, tags: dict) -> None:
-    """Tune's function for one trial of a study's search: the method's TorchTrainer with the sampled values."""
+    """Tune's function for one trial of a study's search: the method's TorchTrainer with the sampled values
+    (``space``: the loaded SearchSpace; its file, e.g. a plugin's, need not exist on the trial's node)."""
     import optuna
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .. import search_space
     from ..train import launch
 
-    space = search_space.load(run.method, space_path)
     values = {**space.fixed, **space.sample(optuna.trial.FixedTrial(dict(config)))}
     cfg = run.resolve(teachers, trial=values)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -126,7 +125,7 @@ def run_search(study, run, teachers: dict) -> dict:
                                        "sampler": d["sampler"], "scheduler": d["scheduler"],
                                        "search_space": d["search_space"]})
     trainable = tune.with_resources(functools.partial(
-        run_trial, run=run, teachers=teachers, space_path=str(space.path), parent_run_id=parent,
+        run_trial, run=run, teachers=teachers, space=space, parent_run_id=parent,
         prefix=f"{study.plan.name}-{method}", folder=study.path("runs", "search", method), place=place, tags=tags),
         {"cpu": 0, "memory": 64 * 1024**2})
     progress = Progress(study, run.key, d["trial_epochs"], d["epochs"], metric)

@@ -19,12 +19,13 @@ from ..config import EXPERIMENT_FIELDS, PLACEMENT_FIELDS, PRESETS
 from .checks import Where, describe, option, read_yaml
 
 TOP_KEYS = ("study", "dataset", "student", "peer", "threat", "train", "teachers", "methods", "search", "final",
-            "evaluation", "estimate")
+            "evaluation", "estimate", "plugins")
 THREAT_KEYS = ("eps", "step_size", "attack_steps")
 SCHEDULE_KEYS = ("epochs", "lr", "lr_milestones", "weight_decay", "swa_start")  # per stage, not in train:
 # train: every option-table setting that is not the study's own key, a stage's schedule or the command line's
 NOT_IN_TRAIN = {"dataset", "student", "peer", "teacher", "teacher_arch", "natural_teacher", "natural_teacher_arch",
-                "seed", "test_attacks", "name", "storage_path", "tracking_uri", *THREAT_KEYS, *SCHEDULE_KEYS}
+                "seed", "test_attacks", "name", "storage_path", "tracking_uri", "allow_changed_plugin", *THREAT_KEYS,
+                *SCHEDULE_KEYS}
 TRAIN_KEYS = tuple(n for n, f in {**EXPERIMENT_FIELDS, **PLACEMENT_FIELDS}.items()
                    if f.metadata.get("group") and n not in NOT_IN_TRAIN)
 TEACHER_ROLES = ("robust", "natural")
@@ -117,6 +118,7 @@ class StudySpec:
     final: FinalSpec
     evaluation: EvalSpec
     estimate: EstimateSpec
+    plugins: tuple = ()  # the file's plugins: (.py files resolved against its folder, or module names)
 
     def where(self, *keys: Any) -> Where:
         w = Where(self.file)
@@ -166,16 +168,40 @@ def load(path: str | os.PathLike, label: str | None = None) -> StudySpec:
     evaluation = EvalSpec(attacks, n_examples, w.integer(e, "batch_size", 256, low=1),
                           w.integer(e, "max_concurrent", 1, low=1))
     estimate = _estimate(top.sub("estimate"), doc.get("estimate"))
+    plugins = _plugins(top.sub("plugins"), doc.get("plugins"), base)
     top.check_names()
     _check_teacher_methods(top.sub("teachers"), teachers)
     for role, tspec in teachers.items():
         if tspec.checkpoint is not None:
             _check_exists(top.sub("teachers").sub(role).sub("checkpoint"), tspec.checkpoint)
     return StudySpec(label, p, name, dataset, student, peer, threat, train, teachers, methods, search, final,
-                     evaluation, estimate)
+                     evaluation, estimate, plugins)
 
 
 # ----------------------------------------------------------------------------- sections
+def _plugins(w: Where, value: Any, base: Path) -> tuple:
+    """``plugins:``: .py files (relative to the study's folder) or module names, loaded now (their names are then
+    known to the rest of the file; raydistill.plugins)."""
+    from .. import plugins
+    from ..errors import UsageError
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        w.fail(f"expected a list, got {describe(value)}", "a list of .py files (relative to the study file) or module names")
+    out = []
+    for i, spec in enumerate(value):
+        if not isinstance(spec, str) or not spec.strip():
+            w.sub(i).fail(f"{describe(spec)} is not a plugin", "a .py file or a module name")
+        try:
+            out.append(plugins.use([spec], base=base)[0])
+        except UsageError as exc:
+            w.sub(i).wrap(exc)
+    return tuple(p.source if p.kind == "file" else p.module for p in out)
+
+
 def _local(path: str, base: Path) -> str:
     """A path of the file (``~`` expanded, relative to the study's folder) or a URI as given."""
     if "://" in path:

@@ -42,8 +42,21 @@ def aggregate(plan, searches: dict, evals: dict, finals: dict) -> dict[str, dict
                        "final": rows, "n": len(rows),
                        "mean": {k: v[0] for k, v in stats.items()}, "std": {k: v[1] for k, v in stats.items()},
                        "final_device_hours": sum(finals[f"final/{m.name}/seed{r['seed']}"].get("device_hours", 0)
-                                                 for r in rows)}
+                                                 for r in rows),
+                       "plugins": code_of([finals[f"final/{m.name}/seed{r['seed']}"] for r in rows])}
     return out
+
+
+def code_of(records: list[dict]) -> dict[str, dict]:
+    """The plugins the final runs' code came from: name -> {source, digests} (two digests: the plugin changed
+    during the study, resumed with --allow-changed-plugin)."""
+    seen: dict[str, dict] = {}
+    for r in records:
+        for name, p in (r.get("plugins") or {}).items():
+            entry = seen.setdefault(name, {"source": p.get("source"), "digests": []})
+            if p.get("digest") not in entry["digests"]:
+                entry["digests"].append(p.get("digest"))
+    return seen
 
 
 def aa_tests(methods: dict) -> tuple[str | None, dict[str, dict]]:
@@ -153,13 +166,19 @@ def beside(plan, method: str, mean: dict, ours: dict | None = None) -> str:
 
     rows = published(plan, method, ours)
     if not rows:
-        return "-"
+        return "none: a plugin's method (no paper)" if _is_plugin(method) else "-"
     r = rows[0]
     diff = reference.compare(mean, r)
     figs = [f"{label} {_pct(r.metrics[k])}" + (f" ({100 * diff[k]:+.2f})" if k in diff else "")
             for k, label in COLUMNS if k in r.metrics]
     tag = mark(r, ours) if ours is not None else ""
     return f"{r.paper.short} T{r.table.number} [{reference.setting_text(r)}]{tag}: " + ", ".join(figs)
+
+
+def _is_plugin(method: str) -> bool:
+    from ..plugins import plugin_of
+
+    return plugin_of("method", method) is not None
 
 
 def _pct(x: float | None) -> str:
@@ -197,7 +216,14 @@ def markdown(plan, methods: dict, stage_hours: dict, n_images: int, diagnostics:
               "architecture) in raydistill.reference, the row closest to our setting, with the setting it came from "
               f"[in brackets]; {DIFFERS}: our final runs' setting (the method's presets, the study's schedule, the "
               f"search's best values) differs from it; {UNSTATED}: its paper does not state it. Every such row below.",
-              "", "## Published figures for the same setting", ""]
+              ""]
+    for m, v in methods.items():  # which code made each plugin's row; two versions in one row are said loudly
+        for name, c in (v.get("plugins") or {}).items():
+            versions = ", ".join(c["digests"])
+            lines.append(f"Plugin {name} ({c['source']}, {versions}) gave {m}'s row; no paper reports it." if len(c["digests"]) < 2
+                         else f"**{m}'s final runs span {len(c['digests'])} versions of plugin {name}** ({versions}): "
+                              "it changed while the study ran (resumed with --allow-changed-plugin).")
+    lines += ["", "## Published figures for the same setting", ""]
     any_pub = False
     for m, v in methods.items():
         for row in published(plan, m, ours[m]):
