@@ -119,7 +119,7 @@ def test_trades_smallcnn_is_trades_network_with_its_parameter_names():
     with torch.no_grad():
         trades = model.classifier(model.feature_extractor(x).view(-1, 64 * 4 * 4))
         torch.testing.assert_close(model(x), trades)
-    with pytest.raises(UsageError, match="trades_smallcnn takes images of at least 16x16, not 8x8"):
+    with pytest.raises(UsageError, match="model 'trades_smallcnn' takes images of at least 16x16, not 8x8"):
         build_model("trades_smallcnn", 10, (1, 8, 8))
 
 

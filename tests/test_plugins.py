@@ -286,7 +286,11 @@ def test_the_study_table_names_a_plugins_row_and_flags_two_versions():
     spec = SimpleNamespace(dataset="digits", student="small_cnn", final=SimpleNamespace(seeds=(0, 1)), teachers={})
     row = {"mean": {"clean_acc": 0.9}, "std": {"clean_acc": 0.01}, "n": 2, "final": [],
            "search": {"trials": 2, "trial_epochs": 2, "budget_trial_epochs": 2}, "plugins": table.code_of(records)}
-    text = table.markdown(SimpleNamespace(name="s", spec=spec, runs=lambda: []), {"mart": row}, {}, 100)
+    from raydistill.config import resolve
+
+    cfg = resolve("pgd_at", {"dataset": "digits", "student": "small_cnn"})  # the planned final run's setting
+    plan = SimpleNamespace(name="s", spec=spec, runs=lambda: [], run=lambda key: SimpleNamespace(config=cfg))
+    text = table.markdown(plan, {"mart": row}, {}, 100)
     assert "**mart's final runs span 2 versions of plugin mart** (sha256:aa, sha256:bb)" in text
 
 

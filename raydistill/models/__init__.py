@@ -66,6 +66,8 @@ register_model("trades_smallcnn", TradesSmallCNN, min_side=16)  # TRADES' SmallC
 def check_input(arch: str, in_shape, what: str = "") -> None:
     """A one-line UsageError when model ``arch`` does not accept images of ``in_shape`` (C, H, W) (INPUT_SIZES)."""
     MODELS.get(arch)
+    if in_shape is None:  # a dataset whose shape its options set (synthetic): checked when the model is built
+        return
     sizes, side = INPUT_SIZES.get(arch, (None, 1))
     h, w = (int(s) for s in tuple(in_shape)[1:])
     where = f" ({what})" if what else ""
