@@ -314,8 +314,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
-        cfg = self.cfg
-        return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps,
+        cfg, classes = self.cfg, self.data.classes  # the class names of folder:/npz: data (else None)
+        return {"method": cfg.method, "dataset": cfg.dataset, "classes": classes, "data_dir": cfg.data_dir, "eps": cfg.eps,
                 "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"]}
 
     def write_checkpoint(self, directory: str) -> None:
