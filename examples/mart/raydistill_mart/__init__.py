@@ -1,9 +1,9 @@
 """raydistill-mart: MART (Wang et al., ICLR 2020) for raydistill, installed as a plugin.
 
-The method is ``raydistill_mart/mart.py`` (one file, also usable as ``--plugin .../mart.py``); installing the
+The method is ``raydistill_mart/mart_method.py`` (one file, also usable as ``--plugin .../mart_method.py``); installing the
 package declares it in the entry-point group ``raydistill.methods`` as ``mart``, with its search space
 ``mart.yaml`` beside it.
 """
-from .mart import MART, mart_terms
+from .mart_method import MART, mart_terms
 
 __all__ = ["MART", "mart_terms"]

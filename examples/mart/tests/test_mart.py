@@ -144,9 +144,9 @@ def test_the_search_space_and_presets_load(mart):
     from raydistill.config import resolve
     from raydistill.search_space import load
 
-    import raydistill_mart.mart
+    import raydistill_mart.mart_method
 
-    path = Path(raydistill_mart.mart.__file__).parent / MART.search_space  # the YAML beside the module
+    path = Path(raydistill_mart.mart_method.__file__).parent / MART.search_space  # the YAML beside the module
     doc = yaml.safe_load(path.read_text())
     assert doc["method"] == "mart" and set(doc["params"]) <= {*MART.hparams, "lr", "weight_decay"}
     space = load("mart", path)

@@ -6,7 +6,9 @@ https://github.com/YisenWang/MART (mart.py, train_resnet.py, train_wideresnet.py
 
 This file is the whole method. It imports raydistill.extend only (and PyTorch), so it runs as an installed
 package (``pip install examples/mart``: entry point ``mart`` in group ``raydistill.methods``) and as a single
-file (``--plugin examples/mart/raydistill_mart/mart.py``) alike.
+file (``--plugin examples/mart/raydistill_mart/mart_method.py``) alike. (Its name is not ``mart.py``: a file
+plugin is imported under its file's name, which must not be that of another importable module, such as the
+folder ``mart/`` this example is copied to.)
 
 The objective (the paper's L^MART), with p(x) = softmax of the network's logits at x, averaged over a batch:
 
