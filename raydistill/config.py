@@ -117,7 +117,8 @@ class TrainConfig:
     """Everything one training run computes with (frozen); ``placement`` says where it runs."""
 
     method: str = opt("natural", None)
-    dataset: str = opt("digits", group="data", help="one of {datasets} (default digits)")
+    dataset: str = opt("digits", group="data", help="one of {datasets} (default digits); or your own data: folder:PATH "
+                        "(class sub-folders of images) or npz:PATH (arrays x, y), local or s3://, gs:// (docs/extending.md)")
     data_dir: str | None = opt(None, group="data", help="folder with the dataset files, or a URI of one (s3://, gs://) "
                                                          "that each node copies once")
     download: bool = opt(False, bool, "data", "download CIFAR/TinyImageNet/MNIST/Fashion-MNIST into --data-dir when missing "
@@ -254,6 +255,7 @@ def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str
     """
     from .data import DATASETS
     from .methods import get_method
+    from .userdata import canonical
 
     cls = get_method(method)
     flags, trial = dict(flags or {}), dict(trial or {})
@@ -289,7 +291,7 @@ def resolve(method: str, flags: Mapping[str, Any] | None = None, hp: Mapping[str
     for k in ("lr_milestones", "test_attacks"):
         if isinstance(settings.get(k), str):
             settings[k] = EXPERIMENT_FIELDS[k].metadata["parse"](settings[k])
-    settings["dataset"] = dataset
+    settings["dataset"] = canonical(dataset)  # folder:PATH / npz:PATH with the path made absolute
     epochs = int(settings.get("epochs", EXPERIMENT_FIELDS["epochs"].default))
     settings["hp"] = {k: coerce_hparam(cls, k, resolve_fractions(v, epochs)) for k, v in hps.items()}
     if settings.get("swa_start") == "first_decay":  # PeerAiD / AKD²: average from the first learning-rate decay
@@ -361,6 +363,7 @@ def coerce_hparam(cls, name: str, value: Any) -> Any:
 def validate(cfg: TrainConfig) -> None:
     from .data import DATASETS
     from .models import check_input
+    from .userdata import is_user_data
 
     shape = DATASETS.get(cfg.dataset).in_shape
     for flag, arch in (("--student", cfg.student), ("--peer", cfg.peer)):
@@ -384,6 +387,8 @@ def validate(cfg: TrainConfig) -> None:
     if p.in_process and "://" in (p.storage_path or os.environ.get("RAYDISTILL_STORAGE") or ""):
         raise UsageError("--workers 0 (in-process) keeps its checkpoints in a local folder; give a local --storage-path "
                          "(or unset RAYDISTILL_STORAGE), or --workers >= 1 for remote storage")
+    if cfg.data_dir is not None and is_user_data(cfg.dataset):
+        raise UsageError(f"--data-dir is for the named datasets; --dataset {cfg.dataset} names its own location")
     for flag, path in (("--teacher", cfg.teacher), ("--natural-teacher", cfg.natural_teacher), ("--data-dir", cfg.data_dir)):
         if path is not None and "://" not in path and not os.path.exists(path) and not (flag == "--data-dir" and cfg.download):
             raise UsageError(f"{flag} '{path}' does not exist")

@@ -51,6 +51,7 @@ class Dataset:
     in_shape: tuple[int, int, int]
     hflip: bool  # random horizontal flips make sense (natural images, not digits)
     crop_pad: int  # random-crop padding in pixels (0: no crops)
+    classes: tuple[str, ...] | None = None  # the class names where the data has them (folder:, npz:)
 
 
 class _Splits(NamedTuple):
@@ -61,20 +62,24 @@ class _Splits(NamedTuple):
     num_classes: int
     hflip: bool
     crop_pad: int
+    classes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset's facts: its loader, class count and image shape (None: set by its options), and the
-    training defaults that suit it (the configuration's dataset layer: threat model, schedule)."""
+    training defaults that suit it (the configuration's dataset layer: threat model, schedule), and
+    its (training, test) image counts where they are not in study.cost's table."""
 
     loader: Callable[..., _Splits]
     num_classes: int | None
     in_shape: tuple[int, int, int] | None
     defaults: dict = field(default_factory=dict)
+    sizes: tuple[int, int] | None = None
 
 
-# name -> DatasetSpec; a loader is loader(data_dir: Path, download: bool, **options) -> _Splits
+# name -> DatasetSpec; a loader is loader(data_dir: Path, download: bool, **options) -> _Splits. Besides the
+# registered names, folder:PATH and npz:PATH: data without code (raydistill.userdata, registered at the end).
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 CIFAR_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110])
 
@@ -129,7 +134,7 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
         _, subset = stratified_split(train_y, int(train_size))
         train_x, train_y = train_x[subset], train_y[subset]
     return Dataset(name, train_x, train_y, val_x, val_y, s.test_x, s.test_y, s.num_classes,
-                   tuple(s.train_x.shape[1:]), s.hflip, s.crop_pad)
+                   tuple(s.train_x.shape[1:]), s.hflip, s.crop_pad, s.classes)
 
 
 def stratified_split(y: Tensor, n_holdout: int, seed: int = HOLDOUT_SEED) -> tuple[Tensor, Tensor]:
@@ -297,6 +302,16 @@ def load_synthetic(data_dir: Path, download: bool, shape=(3, 32, 32), num_classe
     train_x, train_y = sample(int(n_train))
     test_x, test_y = sample(int(n_test))
     return _Splits(train_x, train_y, test_x, test_y, int(num_classes), hflip=True, crop_pad=min(4, h // 8))
+
+
+def _user_data(name: str) -> DatasetSpec:
+    from .userdata import spec
+
+    return spec(name)
+
+
+DATASETS.resolve_prefix("folder", "folder:PATH", _user_data)
+DATASETS.resolve_prefix("npz", "npz:PATH", _user_data)
 
 
 # ----------------------------------------------------------------------------- augmentation and batching

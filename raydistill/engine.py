@@ -36,6 +36,7 @@ from .data import iterate_batches, load_dataset
 from .errors import not_a_usage_error
 from .methods import HP, Nets, StepContext, get_method
 from .models import build_model
+from .schedules import lr_at
 from .sessions import LocalSession, RaySession, all_reduce_sum, note_worker_niceness
 
 __all__ = ["HOOK_POINTS", "Hooks", "LocalSession", "NonFiniteLoss", "RaySession", "Trainer", "WORKER_SWITCH_INTERVAL_S",
@@ -101,11 +102,6 @@ def train_worker(config: dict) -> None:
 
 
 # ============================================================================= the loop
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Piecewise-constant decay: lr * gamma^(number of milestones <= epoch)."""
-    return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch >= m)
-
-
 class Trainer:
     """The loop on one rank: ``session`` says where it runs (raydistill.sessions), ``hooks`` what else
     runs at its fixed points (``Hooks``)."""
@@ -314,9 +310,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
-        cfg = self.cfg
-        return {"method": cfg.method, "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eps": cfg.eps, "step_size": cfg.step_size,
-                "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"], "plugins": provenance.used_by(cfg)}
+        cfg, classes = self.cfg, self.data.classes  # the class names of folder:/npz: data (else None)
+        return {"method": cfg.method, "dataset": cfg.dataset, "classes": classes, "data_dir": cfg.data_dir, "eps": cfg.eps,
+                "step_size": cfg.step_size, "seed": cfg.seed, "name": cfg.placement.name, "student": self.state.best["student"],
+                "plugins": provenance.used_by(cfg)}
 
     def write_checkpoint(self, directory: str) -> None:
         d = self.data

@@ -5,6 +5,9 @@ a plugin is imported, :func:`registering_as` makes it the origin of every entry 
 (``get``, ``names``, ``in``, iteration) of any registry loads the plugins this process is given without a
 command line (installed packages' entry points, ``RAYDISTILL_PLUGINS``): so a Ray worker on any node finds a
 plugin's names as the driver does (raydistill.plugins).
+
+Besides its registered names, a registry may resolve a family of names ``PREFIX:REST`` through a function
+(``resolve_prefix``): the datasets ``folder:PATH`` and ``npz:PATH`` are found this way (raydistill.userdata).
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: Dict[str, T] = {}
         self._origins: Dict[str, Any] = {}
+        self._prefixes: Dict[str, tuple[str, Callable[[str], T]]] = {}  # prefix -> (how it is written, resolver)
         _all.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -116,9 +120,18 @@ class Registry(Generic[T]):
         self._origins.pop(name, None)
 
     def origin(self, name: str) -> Any:
-        """``BUILT_IN`` or the plugin that registered ``name``."""
+        """``BUILT_IN`` or the plugin that registered ``name`` (a resolved family's names: BUILT_IN)."""
         self.get(name)
-        return self._origins[name]
+        return self._origins.get(name, BUILT_IN)
+
+    def resolve_prefix(self, prefix: str, written: str, resolve: Callable[[str], T]) -> None:
+        """Names ``prefix:REST`` are ``resolve(name)`` (which raises UsageError for a bad one); ``written``
+        is how the family appears in the list of choices, e.g. ``folder:PATH``."""
+        self._prefixes[prefix] = (written, resolve)
+
+    def _family(self, name: Any) -> Callable[[str], T] | None:
+        prefix, sep, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
+        return self._prefixes[prefix][1] if sep and prefix in self._prefixes else None
 
     def added_by(self, origin: Any) -> list[str]:
         """The names ``origin`` registered (no plugin loading: for the loader itself)."""
@@ -126,19 +139,23 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         _ready()
+        if name not in self._items and self._family(name) is not None:
+            return self._family(name)(name)
         try:
             return self._items[name]
         except KeyError:
             hint = PLUGIN_HINT if self.kind in PLUGGABLE else ""
-            raise UsageError(f"unknown {self.kind} '{name}'; choose from: {', '.join(self.names())}{hint}") from None
+            choices = self.names() + [w for w, _ in self._prefixes.values()]
+            raise UsageError(f"unknown {self.kind} '{name}'; choose from: {', '.join(choices)}{hint}") from None
 
     def names(self) -> list[str]:
         _ready()
         return list(self._items)
 
     def __contains__(self, name: Any) -> bool:
+        """A registered name, or one of a resolved family (its form only: ``get`` checks what it names)."""
         _ready()
-        return name in self._items
+        return name in self._items or self._family(name) is not None
 
     def __iter__(self):
         _ready()

@@ -108,3 +108,9 @@ def resolve_fractions(value: Any, epochs: int) -> Any:
         return {"kind": "linear", "start": value["start"], "end": value["end"],
                 "from": value["from_frac"] * epochs, "to": value["to_frac"] * epochs}
     return value
+
+
+def lr_at(cfg, epoch: int) -> float:
+    """The learning rate of a run (a TrainConfig) at ``epoch``: piecewise-constant decay, lr * gamma^(number of
+    milestones <= epoch)."""
+    return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch >= m)

@@ -45,7 +45,9 @@ def parser() -> ArgParser:
 
 
 def default_name(cfg: TrainConfig) -> str:
-    return f"{cfg.method}-{cfg.dataset}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .userdata import label  # folder:/data/pets -> pets
+
+    return f"{cfg.method}-{label(cfg.dataset)}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def preflight(cfg: TrainConfig) -> None:

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--top-k {top_k} must be >= 0")
     aa_n = args.aa_n_examples or extra.get("aa_n_examples", 1000)
     from .methods import selected_by
+    from .userdata import label
 
     selection = selected_by(cfg.method)  # val/pgd10_acc, natural val/clean_acc
     args.objectives = args.objectives or DEFAULT_OBJECTIVES[selection]
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.placement
     if p.in_process:
         raise UsageError("--workers 0 (in-process) is not available for tune: each trial is a Ray Train run; give --workers >= 1")
-    name = p.name or f"tune-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = p.name or f"tune-{cfg.method}-{label(cfg.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = storage.root(p.storage_path)
     exp_path = storage.join(root, name)
     from ray import tune

@@ -71,11 +71,15 @@ class Where:
         from ..methods import METHODS
         from ..models import MODELS
 
-        known = {"method": METHODS.names(), "dataset": DATASETS.names(), "model": MODELS.names(),
-                 "attack": ATTACKS.names()}
+        known = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "attack": ATTACKS}
         for where, value, kind in self.pending:
-            if value not in known[kind]:
-                where.fail(f"unknown {kind} {describe(value)}", ", ".join(known[kind]))
+            if kind == "dataset" and value in DATASETS:  # folder:PATH, npz:PATH too: their data is read here
+                try:
+                    DATASETS.get(value)
+                except UsageError as exc:
+                    where.wrap(exc)
+            elif value not in known[kind]:
+                where.fail(f"unknown {kind} {describe(value)}", ", ".join(known[kind].names()))
 
     # ---- mappings
     def mapping(self, value: Any, keys: Iterable[str], what: str = "a mapping") -> dict:

@@ -127,9 +127,15 @@ class CostModel:
     def tflops(self, precision: str) -> float:
         return self.estimate.tflops or REFERENCE_TFLOPS.get(precision, REFERENCE_TFLOPS["fp32"])
 
+    def sizes(self) -> tuple[int, int]:
+        """(training, test) images of the whole dataset: the table's, else its spec's (folder:, npz:), else synthetic's."""
+        from ..data import DATASETS
+
+        return DATASET_SIZES.get(self.dataset) or DATASETS.get(self.dataset).sizes or DATASET_SIZES["synthetic"]
+
     def images(self, val_size: int | None) -> tuple[int, int, int]:
         """(training, validation, test) images per epoch / at the end, with the run's holdout."""
-        n_train, n_test = DATASET_SIZES.get(self.dataset, DATASET_SIZES["synthetic"])
+        n_train, n_test = self.sizes()
         val = min(VAL_CAP, int(VAL_FRACTION * n_train)) if val_size is None else int(val_size)
         return (n_train - val, val, n_test) if val else (n_train, n_test, n_test)
 
@@ -177,7 +183,7 @@ class CostModel:
         return self.estimate.overhead_s / 3600
 
     def test_images(self) -> int:
-        return DATASET_SIZES.get(self.dataset, DATASET_SIZES["synthetic"])[1]
+        return self.sizes()[1]
 
     def assumptions(self, archs: list[str]) -> list[str]:
         """What the estimate assumes, one line each, for the plan's output."""

@@ -141,7 +141,12 @@ def load(path: str | os.PathLike, label: str | None = None) -> StudySpec:
     name = top.text(doc, "study", p.stem)
     if "/" in name or name.startswith("."):
         top.sub("study").fail(f"{name!r} is not a plain folder name", "a name without '/', not starting with '.'")
-    dataset = top.sub("dataset").name(top.required(doc, "dataset", "the name of a dataset"), "dataset")
+    dataset = top.required(doc, "dataset", "the name of a dataset")
+    if isinstance(dataset, str) and dataset.partition(":")[0] in ("folder", "npz"):  # data without code:
+        from ..userdata import canonical  # its path relative to the study's folder
+
+        dataset = canonical(dataset, base)
+    dataset = top.sub("dataset").name(dataset, "dataset")
     student = top.sub("student").name(top.required(doc, "student", "the name of a model"), "model")
     peer = top.sub("peer").name(doc["peer"], "model") if doc.get("peer") is not None else None
 
