@@ -82,7 +82,7 @@ def test_config_round_trips_through_dict():
     (["--set", "beta=abc"], "beta='abc'"),
     (["--set", "kl_reduction=sum"], "must be one of batchmean, mean"),
     (["--set", "novalue"], "NAME=VALUE"),
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
     (["--student", "resnet9"], "unknown model 'resnet9'"),
     (["--preset", "fast"], "unknown preset 'fast'"),
     (["--eps", "2"], "pixel scale"),
