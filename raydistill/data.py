@@ -380,4 +380,6 @@ def iterate_batches(x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, see
 
 
 # MNIST and Fashion-MNIST live in their own module, which registers them and imports this one: imported last
-__import__(__package__ + ".mnist")
+from . import mnist  # noqa: E402
+
+LOADERS = (mnist,)  # the modules whose datasets are registered besides this one

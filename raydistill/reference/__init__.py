@@ -45,8 +45,8 @@ METRIC_KEYS = ("clean_acc", "fgsm_acc", "pgd10_acc", "pgd20_acc", "cw_acc", "cw2
 METHOD_KEYS = ("natural", "pgd_at", "trades", "ard", "rslad", "akd2", "iad1", "iad2", "adaad", "adaiad",
                "peeraid", "at_aka", "cat_aka")
 ARCH_NAMES = ("resnet18", "resnet34", "preact_resnet18", "wrn34_10", "wrn34_20", "wrn70_16", "mobilenet_v2",
-              "vgg16", "small_cnn")
-DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "digits", "synthetic")
+              "vgg16", "small_cnn", "trades_smallcnn")
+DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "digits", "synthetic", "mnist", "fashion_mnist")
 
 # a printed figure: percentages with one or two decimals ("52.57", "0.0", "83.06%"); two decimals at most, so
 # figures the extraction ran together ("85.4864.81") still split
