@@ -40,8 +40,20 @@ class Unclaimed:
     def __init__(self, module: str):
         self.module = self.label = module
 
+    @property
+    def name(self) -> str:
+        return self.module
+
     def describe(self) -> str:
         return f"registered by module {self.module} (not loaded as a plugin)"
+
+    def record(self) -> dict[str, Any]:
+        """What a run records of it: the module and the digest of its file (when it has one)."""
+        from .provenance import digest
+
+        path = getattr(sys.modules.get(self.module), "__file__", None)
+        return {"kind": "module", "source": self.module, "digest": digest([path]) if path else "unknown",
+                "version": None, "provides": {}}
 
 
 # the registration helpers between a registry and the code that registers (skipped to find that code)
