@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import cli
+from .choices import COMPILE_MODES, DEFAULT_TEST_ATTACKS, PRECISIONS, parse_attacks
 from .errors import UsageError
 from .schedules import Schedule, parse_schedule, resolve_fractions
 
@@ -37,7 +38,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": dict(dataset="digits", student="small_cnn", epochs=8, batch_size=64,
                        lr=0.05, lr_milestones=[6], val_size=200),
 }
-PRECISIONS = ("fp32", "tf32", "bf16")  # --precision: fastpath's docstring states the policy
 # training settings a search may tune beside the method's hyperparameters (name -> search default)
 TUNABLE_SETTINGS = {"lr": 0.1, "weight_decay": 5e-4}
 
@@ -53,8 +53,6 @@ def _int_list(text: str, flag: str = "--lr-milestones") -> list[int]:
 
 
 def _attacks(text: str) -> list[str]:
-    from .evaluation import parse_attacks
-
     return parse_attacks(text)
 
 
@@ -145,9 +143,9 @@ class TrainConfig:
     fold_bn: bool = opt(False, bool, "speed", "attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
     input_grads_only: bool = opt(False, bool, "speed", "parameters' requires_grad off while attacking (input gradients only)")
     compile: str = opt("none", group="speed", help="torch.compile the attack's networks, or all forwards and backwards (default none)",
-                       choices=("none", "attack", "all"))
+                       choices=COMPILE_MODES)
     test_attacks: list = opt(None, _attacks, "run", "final test attacks (default clean,fgsm,pgd20)",
-                             factory=lambda: ["clean", "fgsm", "pgd20"])
+                             factory=lambda: list(DEFAULT_TEST_ATTACKS))
     preset: str | None = opt(None, group="run", help=f"named settings: {', '.join(PRESETS)}")
     placement: Placement = opt(None, None, factory=Placement)
 
