@@ -85,7 +85,8 @@ class Placement:
     cpus_per_worker: float | None = opt(None, cli.positive_float, "run", "CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
     threads: int | None = opt(None, None)  # intra-op threads (default: the worker's CPUs)
     max_failures: int = opt(0, cli.nonneg_int, "run", "worker-group restarts Ray Train may do (default 0)")
-    tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI (default: MLflow's own default)")
+    tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, "
+                                   "databricks or a folder (its mlflow.db) (default: MLflow's own default)")
     experiment: str = opt("raydistill", group="run", help="MLflow experiment name (default raydistill)")
     mlflow_run_id: str | None = opt(None, None)
 

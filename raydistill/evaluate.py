@@ -62,7 +62,8 @@ def build_parser() -> ArgParser:
                                   "settings); relaunching the same evaluation continues it")
     p.add_argument("--summary-json", help="write the results as JSON to this file")
     p.add_argument("--mlflow", action="store_true", help="log test/<attack>_acc to MLflow (a new run unless --run-id)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow); none = no MLflow logging at all")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow): sqlite:///FILE, http(s)://HOST:PORT, "
+                   "databricks or a folder (its mlflow.db); none = no MLflow logging at all")
     p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")

@@ -36,7 +36,8 @@ def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.train", description="Train one model with an adversarial (distillation) method.")
     p.add_argument("method", nargs="?", help="method name (see --list)")
     p.add_argument("--list", action="store_true", help="print the method names, one per line, and exit")
-    add_run_options(p, helps={"tracking_uri": "MLflow tracking URI (default: MLflow's own default); "
+    add_run_options(p, helps={"tracking_uri": "MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, databricks or a "
+                                              "folder (its mlflow.db) (default: MLflow's own default); "
                                               "none = tracking off: no MLflow run, MLflow not imported"})
     return p
 

@@ -1,7 +1,8 @@
 """MLflow, owned by this package: no other raydistill module imports MLflow's client.
 
 * The driver resolves the tracking URI (``--tracking-uri``, else MLflow's own default:
-  MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one, creates the experiment once
+  MLFLOW_TRACKING_URI, else its local sqlite store) to an absolute one (``resolve_uri``: a folder or ``file:``
+  URI is its ``mlflow.db``, with one ``note:`` line; an unknown scheme one ``error:`` line), creates the experiment once
   (concurrent sqlite writers can lock) and the run, and passes the run id to the workers.
 * Runs are found by their tags, named here once: ``raydistill.name`` (NAME_TAG), ``raydistill.kind``
   (KIND_TAG: run, search, report, eval) and MLflow's ``mlflow.parentRunId`` (PARENT_TAG). A relaunch
