@@ -115,14 +115,31 @@ def _stages(study) -> dict:
     evals = run_evaluations(study, stages["evaluation"], finals)
     study.close_stage("evaluation")
     study.event(f"stage evaluation: done ({len(evals)} evaluations, {time.time() - t:.0f}s this session)")
-    s = report(study, searches, finals, evals, teachers)
+    s = report(study, searches, finals, evals, teachers, register_models(study, finals, evals))
     tracking.close_run(study.uri, study.parent, "FINISHED")
     study.event(f"done: report {s['report']}; MLflow UI: {tracking.ui_link(study.uri, study.experiment)}")
     return s
 
 
-def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> dict:
-    """Write report.md, pareto.png and study.json to the study's folder and the study's MLflow run."""
+def register_models(study, finals: dict, evals: dict) -> dict[str, str]:
+    """Each method's best final model (by the study's AutoAttack, else PGD-20) in MLflow's Model Registry, as a
+    version of ``<study>-<method>`` (tracking.register_best); returns method -> ``models:/NAME/VERSION``."""
+    from .. import tracking
+
+    candidates: dict[str, list[dict]] = {}
+    for rec in evals.values():
+        final = finals.get(rec["final"], {})
+        candidates.setdefault(rec["method"], []).append({"mlflow_run_id": final.get("mlflow_run_id"), "seed": rec["seed"],
+                                                         "metrics": rec["metrics"]})
+    done = tracking.register_best(study.uri, study.plan.name, candidates)
+    if done:
+        study.event("registered models: " + ", ".join(done.values()))
+    return done
+
+
+def report(study, searches: dict, finals: dict, evals: dict, teachers: dict, registered: dict | None = None) -> dict:
+    """Write report.md, pareto.png and study.json to the study's folder and the study's MLflow run; ``registered``:
+    method -> its registered model (``models:/NAME/VERSION``), in the summary as ``registered_model``."""
     from .. import storage, tracking
     from ..train import write_json
     from . import table
@@ -137,6 +154,8 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
     n_images = next(iter(evals.values()))["n_examples"] if evals else 0
     report_uri = study.path("report.md")
     s = table.summary(plan, study.parent, report_uri, methods, hours)
+    for method, model in (registered or {}).items():
+        s["methods"].setdefault(method, {})["registered_model"] = model
     with tempfile.TemporaryDirectory() as tmp:
         files = {"report.md": os.path.join(tmp, "report.md"), "study.json": os.path.join(tmp, "study.json")}
         if table.pareto_plot(methods, os.path.join(tmp, "pareto.png")):
