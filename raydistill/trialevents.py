@@ -1,7 +1,8 @@
 """The console of a Ray Tune search, tune's and a study's alike: one line per trial event, from a Tune callback.
 
 Tune's own tables are off (``RAY_AIR_NEW_OUTPUT=0`` and ``verbose=0``: Tune's old output engine, which prints
-nothing at that verbosity) and the driver forwards no output of Ray's workers and actors (``log_to_driver``
+nothing at that verbosity), so is its traceback of each failed trial (``TUNE_PRINT_ALL_TRIAL_ERRORS=0``: the
+trial's ``error.txt`` keeps it), and the driver forwards no output of Ray's workers and actors (``log_to_driver``
 False: the trials' per-epoch lines, and the warning of Ray Train's placement group cleaner, an actor that
 removes the worker group of a trial Tune stopped). What a user needs comes from :class:`TrialEvents` instead:
 
@@ -60,11 +61,19 @@ class TrialEvents(Callback):
 
 
 def reason(trial) -> str:
-    """The root cause of a failed trial, on one line (Tune keeps the exception in the trial's folder)."""
+    """The root cause of a failed trial, on one line: Tune has just written its exception to the trial's local folder
+    (``error.pkl``, else the text in ``error.txt``), from where it is copied to the storage later."""
+    import os
+
+    import cloudpickle
+
     from .train import root_cause
 
     try:
+        if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as f:
+                return root_cause(cloudpickle.load(f))[:500]
         exc = trial.get_pickled_error() or trial.get_error()
     except Exception:  # noqa: BLE001 - the reason is a courtesy: the trial's row says it too
         exc = None
-    return root_cause(exc)[:500] if exc is not None else "see the trial's error.txt in its folder"
+    return root_cause(exc)[:500] if exc is not None else "see error.txt in the trial's folder"

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus_per_trial is not None:
         place["gpus_per_worker"] = args.gpus_per_trial / p.workers
     tracking.check_reachable(place["tracking_uri"])
-    if not args.verbose:  # Tune's old output engine, which prints no table at verbose=0 (the new one does)
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if not args.verbose:  # Tune's old output engine, which prints no table at verbose=0 (the new one does), and no
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # traceback of a failed trial (its failed line gives the root cause,
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"  # the trial's error.txt the traceback)
     init_ray(log_to_driver=args.verbose)  # the workers' and actors' lines only with --verbose
     require_shared_storage(root)
     if p.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     trainable = tune.with_resources(
         functools.partial(run_trial, method=cfg.method, flags={**flags_of(args), **place}, hp=parse_set(args.set),
-                          space_path=str(space.path), parent_run_id=parent, search=name),
+                          space_path=str(Path(space.path).resolve()), parent_run_id=parent, search=name),
         {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
     from .trialevents import TrialEvents
 

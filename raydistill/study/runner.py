@@ -20,6 +20,7 @@ from .plan import Plan
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's old output engine: verbose=0 prints no tables at all
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # a failed trial: its one line (raydistill.trialevents)
 # Ctrl-C is a KeyboardInterrupt inside a search too: Tune's own handler ends the search "gracefully" and returns
 # its unfinished trials as if it were done, which the study would record
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
