@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import cli
+from .choices import COMPILE_MODES, DEFAULT_TEST_ATTACKS, PRECISIONS, parse_attacks
 from .errors import UsageError
 from .schedules import Schedule, parse_schedule, resolve_fractions
 
@@ -40,7 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": dict(dataset="digits", student="small_cnn", epochs=8, batch_size=64,
                        lr=0.05, lr_milestones=[6], val_size=200),
 }
-PRECISIONS = ("fp32", "tf32", "bf16")  # --precision: fastpath's docstring states the policy
 # training settings a search may tune beside the method's hyperparameters (name -> search default)
 TUNABLE_SETTINGS = {"lr": 0.1, "weight_decay": 5e-4}
 
@@ -56,8 +56,6 @@ def _int_list(text: str, flag: str = "--lr-milestones") -> list[int]:
 
 
 def _attacks(text: str) -> list[str]:
-    from .evaluation import parse_attacks
-
     return parse_attacks(text)
 
 
@@ -90,7 +88,8 @@ class Placement:
     cpus_per_worker: float | None = opt(None, cli.positive_float, "run", "CPUs each worker reserves and uses as threads (default: the cluster's CPUs / workers)")
     threads: int | None = opt(None, None)  # intra-op threads (default: the worker's CPUs)
     max_failures: int = opt(0, cli.nonneg_int, "run", "worker-group restarts Ray Train may do (default 0)")
-    tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI (default: MLflow's own default)")
+    tracking_uri: str | None = opt(None, group="run", help="MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, "
+                                   "databricks or a folder (its mlflow.db) (default: MLflow's own default)")
     experiment: str = opt("raydistill", group="run", help="MLflow experiment name (default raydistill)")
     mlflow_run_id: str | None = opt(None, None)
     allow_changed_plugin: bool = opt(False, bool, "run", "resume a run (or search) although a plugin it uses changed since "
@@ -153,9 +152,9 @@ class TrainConfig:
     fold_bn: bool = opt(False, bool, "speed", "attacks in eval() mode run on a BatchNorm-folded copy of the network (same function)")
     input_grads_only: bool = opt(False, bool, "speed", "parameters' requires_grad off while attacking (input gradients only)")
     compile: str = opt("none", group="speed", help="torch.compile the attack's networks, or all forwards and backwards (default none)",
-                       choices=("none", "attack", "all"))
+                       choices=COMPILE_MODES)
     test_attacks: list = opt(None, _attacks, "run", "final test attacks (default clean,fgsm,pgd20)",
-                             factory=lambda: ["clean", "fgsm", "pgd20"])
+                             factory=lambda: list(DEFAULT_TEST_ATTACKS))
     preset: str | None = opt(None, group="run", help=f"named settings: {', '.join(PRESETS)}")
     # the method's preset keys resolve() applied, in order ("cifar10", "cifar10/wrn34_10"): set by resolve only
     method_presets: list = opt(None, None, factory=list)

@@ -1,7 +1,9 @@
 """``python -m raydistill.evaluate CHECKPOINT``: robust accuracy of a checkpoint on a test split.
 
 CHECKPOINT is a raydistill checkpoint folder (or its model.pt), local or in remote storage (s3://, gs://:
-read through raydistill.storage's cache), or an external state_dict file
+read through raydistill.storage's cache), an MLflow model of a training run (``runs:/RUN_ID/model`` or
+``runs:/RUN_ID``, ``models:/NAME/VERSION`` of the Model Registry: the checkpoint file it holds, downloaded from
+the store of ``--tracking-uri``), or an external state_dict file
 together with ``--arch``, ``--num-classes`` and ``--dataset``. eps, step size, dataset and data folder
 default to the values the checkpoint was trained with (else 8/255, eps/4). Every argument is checked
 before any data or model is loaded; a bad one prints one ``error:`` line and exits with code 2.
@@ -33,7 +35,8 @@ DEFAULT_EPS = 8 / 255
 def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.evaluate",
                   description="Evaluate a checkpoint's clean and adversarial (L-inf; cw2: L2) test accuracy.")
-    p.add_argument("checkpoint", help="raydistill checkpoint folder or model.pt, or an external state_dict file")
+    p.add_argument("checkpoint", help="raydistill checkpoint folder or model.pt, an MLflow model (runs:/RUN_ID/model, "
+                   "models:/NAME/VERSION; from --tracking-uri's store), or an external state_dict file")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help=f"comma-separated subset of {', '.join(ATTACKS.names())} (default {','.join(DEFAULT_ATTACKS)})")
     p.add_argument("--eps", type=nonneg_float, help="L-inf radius in [0,1] pixel scale, e.g. 8/255 (default: the training eps; cw2 ignores it)")
@@ -66,7 +69,8 @@ def build_parser() -> ArgParser:
                                   "settings); relaunching the same evaluation continues it")
     p.add_argument("--summary-json", help="write the results as JSON to this file")
     p.add_argument("--mlflow", action="store_true", help="log test/<attack>_acc to MLflow (a new run unless --run-id)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow); none = no MLflow logging at all")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow): sqlite:///FILE, http(s)://HOST:PORT, "
+                   "databricks or a folder (its mlflow.db); none = no MLflow logging at all")
     p.add_argument("--run-id", help="log into this existing MLflow run (implies --mlflow)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment of a new run (default raydistill)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -273,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch is not None:
         MODELS.get(args.arch)
     path = args.checkpoint if storage.is_remote(args.checkpoint) else Path(args.checkpoint)
+    from . import tracking
+
+    if tracking.is_model_uri(args.checkpoint):  # an MLflow model: the checkpoint file it holds, downloaded
+        if tracking.is_off(args.tracking_uri):
+            raise UsageError(f"checkpoint {args.checkpoint} is an MLflow model; --tracking-uri none cannot read it")
+        path = tracking.model_checkpoint(tracking.resolve_uri(args.tracking_uri), args.checkpoint)
     record = safe_load(path, "checkpoint")  # a missing or unreadable file is a UsageError
     ours = isinstance(record, dict) and record.get("format") == FORMAT and "arch" in record
     meta = dict(record.get("meta", {})) if ours else {}
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     except WorkersUnavailable as exc:
         print(f"error: evaluation stopped: {exc}", file=sys.stderr)
         return 1
+    if tracking.is_model_uri(args.checkpoint):
+        checkpoint = args.checkpoint  # the summary, the table and MLflow name the model, not its downloaded file
     summary = {"checkpoint": checkpoint, "arch": arch, **{k: v for k, v in summary.items() if k != "checkpoint"},
                "plugins": meta.get("plugins") or {}}  # the code that trained it (raydistill.provenance)
     print(_table(summary))

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks as A
-from . import fastpath
+from . import choices, fastpath
+from .choices import parse_attacks
 from .data import to_float
 from .errors import UsageError
 from .registry import Registry
@@ -102,25 +103,15 @@ _add("pgd100_eps1", "PGD-100 at eps 1.0, step 0.025 (gradient-masking check)", _
 _add("zero_grad", "images whose input gradient is zero (gradient-masking check)", _zero_grad,
      threat=False, hidden=True)
 
-DEFAULT_ATTACKS = ["clean", "fgsm", "pgd20", "cw"]
+DEFAULT_ATTACKS = list(choices.DEFAULT_EVAL_ATTACKS)
+if ATTACKS.names() != [*choices.ATTACKS, *choices.CHECKS]:  # one implementation per name of the list
+    raise ImportError(f"raydistill.evaluation implements {ATTACKS.names()}, but raydistill.choices lists "
+                      f"{[*choices.ATTACKS, *choices.CHECKS]}")
 
 
 def offered() -> list[str]:
     """The attacks ``--attacks`` accepts."""
-    return [n for n in ATTACKS.names() if not ATTACKS.get(n).hidden]
-
-
-def parse_attacks(text: str | Iterable[str], hidden: bool = False) -> list[str]:
-    """``"clean,fgsm,pgd20"`` (or a list) -> validated attack names, duplicates dropped, order kept."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    names = [n.strip() for n in names if n.strip()]
-    choices = ATTACKS.names() if hidden else offered()
-    if not names:
-        raise UsageError(f"no attack given; choose from: {', '.join(choices)}")
-    for name in names:
-        if name not in choices:
-            raise UsageError(f"unknown attack '{name}'; choose from: {', '.join(choices)}")
-    return list(dict.fromkeys(names))
+    return list(choices.ATTACKS)
 
 
 def chunks_of(n: int, batch_size: int) -> list[tuple[int, int]]:

@@ -69,7 +69,7 @@ import torch.fx
 from torch import nn
 
 from . import attacks
-from .config import PRECISIONS  # --precision's choices (the option table's)
+from .choices import PRECISIONS  # --precision's choices
 
 @dataclasses.dataclass(frozen=True)
 class FastPath:

@@ -46,7 +46,8 @@ DIAGNOSTIC = re.compile(r"^val/\w+_acc_on_\w+$")  # val/peer_acc_on_student_adv,
 def parser() -> ArgParser:
     p = ArgParser(prog="python -m raydistill.report",
                   description="Comparison table (mean ± std over seeds), Pareto plot and diagnostics curves of MLflow runs.")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's local store)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, databricks or a folder (its mlflow.db) "
+                   "(default: MLFLOW_TRACKING_URI, else MLflow's local store)")
     p.add_argument("--experiment", default="raydistill", help="MLflow experiment (default raydistill)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--parent-run-id", metavar="ID", help="only the child runs of this parent run (a search)")

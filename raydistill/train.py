@@ -39,7 +39,8 @@ def parser() -> ArgParser:
     p.add_argument("--list", action="store_true", help="print the methods, one per line: the name, then where it comes "
                    "from (built-in, or the plugin), and exit")
     plugins.add_option(p)
-    add_run_options(p, helps={"tracking_uri": "MLflow tracking URI (default: MLflow's own default); "
+    add_run_options(p, helps={"tracking_uri": "MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, databricks or a "
+                                              "folder (its mlflow.db) (default: MLflow's own default); "
                                               "none = tracking off: no MLflow run, MLflow not imported"})
     return p
 
@@ -143,6 +144,11 @@ def init_ray(**kwargs: Any) -> None:
     # overhead). A value in the environment wins; clusters started with `ray start` need it in that
     # command's environment (clusters/ sets it).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # The raylet warns ("WARNING: 8 PYTHON worker processes have been started ... 4x the maximum expected startup
+    # concurrency (2)") once a node has 4x as many worker processes as it starts at once (its CPUs): a search on 2
+    # CPUs has that many by design (a trial's function, its Ray Train controller and placement-group cleaner take no
+    # CPU; docs/clusters.md, "Quiet output"). Its local instance starts up to 8 at once, so it warns from 32 on.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
     # A local instance's processes inherit this process's environment while ray.init starts them: its dashboard
     # address, so that Ray Train's PlacementGroupCleaner queries this instance (without it, beside another Ray
     # instance on the machine, its monitor thread dies with a traceback: "Found multiple active Ray instances").

@@ -7,6 +7,9 @@ samples from search_spaces/METHOD.yaml; ASHA stops weak trials early on val/pgd1
 training: val/clean_acc, the accuracy its runs keep their best checkpoint by, Method.selection), and
 trials are ranked by val/best_acc, their kept checkpoint's accuracy by that selection.
 MLflow: one parent run per search, one child run per trial (created by the trial's own launch).
+The console: one line per trial event (started with its values, finished or stopped by ASHA with its kept
+checkpoint's accuracy, failed with the reason: raydistill.trialevents, as a study's searches), one per top-k
+AutoAttack, then the table and the summary; ``--verbose`` adds Tune's tables and the trials' own lines.
 """
 from __future__ import annotations
 
@@ -50,8 +53,19 @@ def parser() -> ArgParser:
     g.add_argument("--gpus-per-trial", type=nonneg_float, help="GPUs per trial, split over its workers (0.5 packs two trials on a GPU)")
     g.add_argument("--top-k", type=int, help="AutoAttack on the k best trials at the end (default 1; 0 = none)")
     g.add_argument("--aa-n-examples", type=positive_int, help="test images for AutoAttack (default 1000)")
+    g.add_argument("--verbose", action="store_true", help="Ray Tune's tables and every trial's own lines (per epoch) "
+                   "besides the one line per trial event")
     plugins.add_option(p)
     return p
+
+
+T0 = time.time()  # the console's clock (module level: Tune pickles the callback that prints with it)
+
+
+def say(text: str) -> None:
+    """One line of the search's console: ``[tune H:MM:SS] text``."""
+    s = int(time.time() - T0)
+    print(f"[tune {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}] {text}", flush=True)
 
 
 # ============================================================================= one trial
@@ -148,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus_per_trial is not None:
         place["gpus_per_worker"] = args.gpus_per_trial / p.workers
     tracking.check_reachable(place["tracking_uri"])
-    init_ray()
+    if not args.verbose:  # Tune's old output engine, which prints no table at verbose=0 (the new one does), and no
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # traceback of a failed trial (its failed line gives the root cause,
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"  # the trial's error.txt the traceback)
+    init_ray(log_to_driver=args.verbose)  # the workers' and actors' lines only with --verbose
     require_shared_storage(root)
     if p.cpus_per_worker is None:  # concurrent trials share the CPUs without oversubscription
         place["cpus_per_worker"] = cpus_each(max_concurrent * p.workers)
@@ -162,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         functools.partial(run_trial, method=cfg.method, flags={**flags_of(args), **place}, hp=parse_set(args.set),
                           space=space, parent_run_id=parent, search=name),
         {"cpu": 0, "memory": 64 * 1024**2})  # the trial function only waits on its TorchTrainer
+    from .trialevents import TrialEvents
+
     try:
-        if args.resume:
+        if args.resume:  # Tune restores the search's callbacks (its console) with it
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
             scheduler = None
@@ -179,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 tune_config=tune.TuneConfig(search_alg=make_searcher(space, objectives, args.search, cfg.seed),
                                             scheduler=scheduler, num_samples=num_samples,
                                             max_concurrent_trials=max_concurrent),
-                run_config=tune.RunConfig(name=name, storage_path=root, verbose=1,
+                run_config=tune.RunConfig(name=name, storage_path=root, verbose=1 if args.verbose else 0,
+                                          callbacks=[TrialEvents(say, epochs=cfg.epochs, metric=selection)],
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         grid = tuner.fit()
@@ -281,11 +301,11 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
     for t in done[:k]:
         try:
             s = evaluate_on_cluster(t["checkpoint"], attacks, n_examples=n, storage_path=folder,
-                                    name=f"trial-{t['trial_id']}", worker_wait=cfg.placement.worker_wait)
+                                    name=f"trial-{t['trial_id']}", worker_wait=cfg.placement.worker_wait, quiet=True)
         except Exception as exc:  # noqa: BLE001 - said in one line, the search's run is FAILED with it
             t["error"] = f"AutoAttack: {root_cause(exc)}"
             failed.append(f"trial {t['trial_id']}: {root_cause(exc)}")
-            print(f"[raydistill] AutoAttack on trial {t['trial_id']} failed: {root_cause(exc)}", flush=True)
+            say(f"AutoAttack on trial {t['trial_id']} failed: {root_cause(exc)}")
             continue
         m = t["metrics"]
         whole = {key: m[key] for key in list(m) if key.startswith("test_")}
@@ -297,8 +317,8 @@ def run_autoattack(trials: list[dict], cfg: TrainConfig, k: int, n: int, folder:
             tracking.log_batch(cfg.placement.tracking_uri, t["mlflow_run_id"], metrics={
                 **{f"test_all/{key[5:]}": v for key, v in whole.items() if isinstance(v, (int, float))},
                 **mlflow_metrics(s), "test/n_examples": s["n_examples"]})
-        print(f"[raydistill] AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {s['workers']} workers; "
-              f"its other test figures on the same images): {s['metrics']['aa_acc']:.4f}", flush=True)
+        say(f"AutoAttack on trial {t['trial_id']} ({s['n_examples']} test images, {s['workers']} workers; its other "
+            f"test figures on the same images): {s['metrics']['aa_acc']:.4f}")
     return failed
 
 
@@ -331,12 +351,14 @@ def finish_parent(cfg, parent: str, s: dict, failure: str | None = None) -> None
 
 
 def print_table(s: dict) -> None:
+    from .trialevents import short
+
     cols = ["trial", "status", "epochs", "val_pgd10", "clean", "pgd20", "aa", "params"]
     rows = []
     for t in s["trials"]:
         m = t["metrics"]
         f = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
-        params = " ".join(f"{k}={_short(v)}" for k, v in sorted(t["params"].items()))
+        params = " ".join(f"{k}={short(v)}" for k, v in sorted(t["params"].items()))
         rows.append([t["trial_id"], t["status"], str(t["epochs_completed"]), f("val_best_pgd10_acc"),
                      f("test_clean_acc"), f("test_pgd20_acc"), f("test_aa_acc"), params])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
@@ -345,10 +367,6 @@ def print_table(s: dict) -> None:
     b = s["best"]
     print(f"\n{s['num_trials']} trials, {s['trial_epochs']} trial-epochs, {s['wall_time_s']:.0f}s; "
           f"best: {b['trial_id'] if b else '-'}; MLflow parent run {s['mlflow_run_id']}")
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _one_line(err: Any) -> str:

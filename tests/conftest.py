@@ -119,6 +119,18 @@ def error_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ERROR_LINE.search(ln)]
 
 
+# A warning-level line: a Ray C++ log line at level W, a Python log record at WARNING (or a warnings-module line such as
+# "UserWarning: ..."), a `warning:` line, or any line Ray forwarded to the driver from its workers, actors or raylet
+# ("(PlacementGroupCleaner pid=12) Detected that ...": Ray prints its actors' warnings without their level)
+WARNING_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ W \d+ \d+\]|\bWARN(ING)?\b|\b[A-Z]\w*Warning: |^warning: "
+                          r"|^(\x1b\[[\d;]*m)?\((raylet|gcs_server|\w+ pid=\d+[^)]*)\)")
+
+
+def warning_lines(text: str) -> list[str]:
+    """The warning- and error-level lines of ``text``."""
+    return [ln for ln in text.splitlines() if WARNING_LINE.search(ln) or ERROR_LINE.search(ln)]
+
+
 def natural_digits_model():
     """(model, data): small_cnn trained naturally on digits (4 epochs of batch 64, about a second), in eval mode."""
     import torch

@@ -39,12 +39,24 @@ def server(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri)
     exp = c.create_experiment("raydistill")  # as MLflow creates one: no experiment kind
+    c.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
     ours = tracking.experiment_id(c, "study")  # as raydistill creates one: a model-training experiment
+    runs = {}
     for e in (exp, ours):
         for name in RUN_NAMES:
             method, arch, seed = name.rsplit("-", 2)
-            make_run(c, e, method, arch, int(seed[1:]), {"clean": 0.8, "pgd20": 0.4}, workers=2,
-                     diagnostics={"val/pgd10_acc": [0.3, 0.35, 0.4]}, name=name)
+            runs[e, name] = make_run(c, e, method, arch, int(seed[1:]), {"clean": 0.8, "pgd20": 0.4}, workers=2,
+                                     diagnostics={"val/pgd10_acc": [0.3, 0.35, 0.4]}, name=name)
+    # a training run's model (as train logs it) and its study's registered model (as a study registers it)
+    from raydistill.checkpoint import save_model
+    from raydistill.models import build_model
+
+    save_model(tmp_path / "ck", build_model("small_cnn", 10, (1, 8, 8)), "small_cnn", 10, (1, 8, 8),
+               {"method": "pgd_at", "dataset": "digits", "eps": 0.1, "step_size": 0.025})
+    run = runs[ours, RUN_NAMES[0]]
+    model_id = tracking.log_model(uri, run, tmp_path / "ck" / "model.pt")
+    assert tracking.register_best(uri, "ui", {"pgd_at": [{"mlflow_run_id": run, "seed": 0, "metrics": {
+        "aa_acc": 0.35, "pgd20_acc": 0.4}}]}) == {"pgd_at": "models:/ui-pgd_at/1"}
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -64,7 +76,9 @@ def server(tmp_path):
                     pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(1)
         yield {"runs": f"{url}/#/experiments/{exp}/runs", "plain": f"{url}/#/experiments/{exp}",
-               "ours": f"{url}/#/experiments/{ours}", "link": tracking.ui_link(url, "study")}
+               "ours": f"{url}/#/experiments/{ours}", "link": tracking.ui_link(url, "study"),
+               "version": f"{url}/#/models/ui-pgd_at/versions/1", "run": f"{url}/#/experiments/{ours}/runs/{run}",
+               "model": f"{url}/#/experiments/{ours}/models/{model_id}", "model_id": model_id}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started (its own session)
         try:
@@ -110,3 +124,31 @@ def test_the_link_raydistill_prints_opens_the_experiment_on_its_runs(server, tmp
     assert not any(name in plain for name in RUN_NAMES), "MLflow's experiment page now opens on its runs"
     for name in RUN_NAMES:
         assert name in ours, f"{name} is not on the page the link opens"
+
+
+def text_of(dom: str) -> str:
+    """A page's visible text, on one line."""
+    import html
+    import re
+
+    dom = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def test_the_model_pages_show_the_logged_and_the_registered_model(server, tmp_path):
+    """The registered model's version page (its tags, its source run and model), the logged model's page (its
+    parameters, test figures and registered version; its artifacts: MLmodel, the checkpoint file) and the run's page
+    (its logged model and registered version)."""
+    version = text_of(chromium(tmp_path, server["version"], "--dump-dom").stdout)
+    for needle in ("ui-pgd_at", "Version 1", f"Source Run : {RUN_NAMES[0]}", "Source Model : model",
+                   "aa_acc 0.3500", "method pgd_at", "pgd20_acc 0.4000", "seed 0", "selected_by aa_acc"):
+        assert needle in version, (needle, version[:3000])
+    model = text_of(chromium(tmp_path, server["model"], "--dump-dom").stdout)
+    for needle in (f"Model ID {server['model_id']}", f"Source run {RUN_NAMES[0]}", "Model versions ui-pgd_at v1",
+                   "test/clean_acc - pgd_at-small_cnn-s0 0.8", "eps 0.1", "step_size 0.025", "arch small_cnn"):
+        assert needle in model, (needle, model[:3000])
+    files = text_of(chromium(tmp_path, server["model"] + "/artifacts", "--dump-dom").stdout)
+    for needle in ("MLmodel", "extra_files", "input_example.json", "requirements.txt"):
+        assert needle in files, (needle, files[:3000])
+    run = text_of(chromium(tmp_path, server["run"], "--dump-dom").stdout)
+    assert "Logged models (1)" in run and "Registered models ui-pgd_at v1" in run, run[:3000]

@@ -152,7 +152,7 @@ def test_bad_selection(store, tmp_path, args, needle):
 
 @pytest.mark.parametrize("uri, needle", [
     ("http://127.0.0.1:9", "unreachable"),
-    ("bogus://nowhere", "not a usable MLflow store"),
+    ("bogus://nowhere", "--tracking-uri bogus://nowhere: unknown scheme 'bogus:'; accepted: sqlite:///FILE"),
 ])
 def test_bad_tracking_uri(tmp_path, uri, needle):
     with pytest.raises(UsageError, match=needle):

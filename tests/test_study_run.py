@@ -224,7 +224,22 @@ def test_study_killed_in_each_stage_completes_once_with_the_table_of_an_uninterr
     assert len(finals) == 4
     assert len(list(records.rglob("*.json"))) == 2 + 4 + 4
 
+    # the Model Registry: each method's best final model (by the study's AA) as version 1 of tiny-<method>
+    c = MlflowClient(f"sqlite:///{cut}/mlflow.db")
+    for m, v in s["methods"].items():
+        assert v["registered_model"] == f"models:/tiny-{m}/1"
+        (version,) = c.search_model_versions(f"name = 'tiny-{m}'")
+        best = max(v["final"], key=lambda f: f["metrics"]["aa_acc"])
+        assert version.run_id in {f["mlflow_run_id"] for f in v["final"]}
+        assert version.tags["method"] == m and version.tags["selected_by"] == "aa_acc"
+        assert version.tags["aa_acc"] == f"{best['metrics']['aa_acc']:.4f}"
+        chosen = next(f for f in v["final"] if f["mlflow_run_id"] == version.run_id)
+        assert version.tags["seed"] == str(chosen["seed"]) and chosen["metrics"]["aa_acc"] == best["metrics"]["aa_acc"]
+        assert version.tags["pgd20_acc"] == f"{chosen['metrics']['pgd20_acc']:.4f}"
+    assert "registered models: models:/tiny-natural/1, models:/tiny-pgd_at/1" in out
+
     # a relaunch of the finished study redoes nothing
     again = subprocess.run(study_cmd(cut, "--resume"), cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "started" not in again.stdout and len(runs_of(cut)) == len(runs)
+    assert len(c.search_model_versions("name = 'tiny-pgd_at'")) == 1  # registered once

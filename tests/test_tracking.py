@@ -155,8 +155,9 @@ def test_a_local_store_in_rays_temporary_session_folder_is_refused(tmp_path, mon
                                              r"http://HEAD:5000 .* MLFLOW_TRACKING_URI in the environment of `ray start`"):
             tracking.resolve_uri(given)
     assert not list(job.iterdir())  # nothing created
-    for fine in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "session_notes")):
-        assert tracking.resolve_uri(fine).endswith(fine.rsplit("/", 1)[-1])
+    for fine in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path}/mlflow.db"):
+        assert tracking.resolve_uri(fine) == fine
+    assert tracking.resolve_uri(str(tmp_path / "session_notes")) == f"sqlite:///{tmp_path}/session_notes/mlflow.db"
 
 
 # ----------------------------------------------------------------------------- source tree

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -79,6 +80,11 @@ def test_relaunch_with_same_name_resumes_in_process(workdir):
     assert "resumed from epoch 2" in again.stdout
     s = summary(workdir, "r")
     assert s["epochs_completed"] == 3 and history(workdir, s["mlflow_run_id"]) == [0, 1, 2]
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")  # each launch logged its best checkpoint as the run's model
+    models = c.search_logged_models(experiment_ids=[c.get_run(s["mlflow_run_id"]).info.experiment_id])
+    assert [m.name for m in models] == ["model", "model"] and {m.source_run_id for m in models} == {s["mlflow_run_id"]}
+    assert (Path(models[0].artifact_location) / "extra_files" / "model.pt").read_bytes() == \
+        (Path(s["checkpoint"]) / "model.pt").read_bytes()  # the newest, which runs:/<id>/model names: the last best
     ev = cli("evaluate", s["checkpoint"], "--attacks", "clean", "--summary-json", str(workdir / "ev.json"))
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((workdir / "ev.json").read_text())["metrics"]["clean_acc"] == pytest.approx(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, assert_one_error_line, cli, error_lines
+from conftest import REPO, assert_one_error_line, cli, warning_lines
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +29,26 @@ def children(workdir, parent: str) -> list:
 
 
 def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
+    """The quickstart as a new user runs it (`python -m raydistill.quickstart` in a fresh folder: MLflow's ./mlflow.db,
+    tune peeraid --preset quickstart): at most 80 lines, one per trial event, none at warning or error level."""
     t0 = time.time()
-    proc = cli("tune", "peeraid", "--preset", "quickstart", *tune_args(workdir, "q"), timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "raydistill.quickstart", "--storage-path", str(workdir / "runs"),
+                           "--name", "q"], capture_output=True, text=True, timeout=1200, cwd=str(workdir),
+                          env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                               "PYTHONPATH": str(REPO)})
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-4000:]
-    s = json.loads((workdir / "q.json").read_text())
+    out = proc.stdout + proc.stderr
+    lines = out.splitlines()  # blank ones included
+    print(f"the quickstart's console ({len(lines)} lines):\n" + "\n".join(lines))
+    assert len(lines) <= 80 and not warning_lines(out), (len(lines), warning_lines(out))
+    events = [ln for ln in proc.stdout.splitlines() if ln.startswith("[tune ")]
+    assert sum(" started: " in ln for ln in events) == 8, events
+    assert sum(re.search(r" (finished|stopped by ASHA) after \d of 8 epochs, kept checkpoint's val/pgd10_acc 0\.\d{4}", ln)
+               is not None for ln in events) == 8, events
+    assert sum(" AutoAttack on trial " in ln for ln in events) == 1, events
+    assert "Trial status" not in out and "╭" not in out  # no Tune tables (tune --verbose has them)
+    s = json.loads((workdir / "quickstart-summary.json").read_text())
     print(f"quickstart peeraid search: {wall:.0f}s wall, {s['trial_epochs']} trial-epochs, best {s['best']['metrics']}")
     assert s["num_trials"] == 8 and len({t["trial_id"] for t in s["trials"]}) == 8
     runs = children(workdir, s["mlflow_run_id"])
@@ -52,7 +68,11 @@ def test_quickstart_search_for_peeraid_makes_8_child_runs(workdir):
     assert {"test_clean_acc", "test_fgsm_acc", "test_pgd20_acc", "test_worst_acc"} <= set(s["best"]["metrics"])
     assert {"test_all/pgd20_acc", "test/pgd20_acc"} <= set(best_run.data.metrics)
     assert s["best"]["metrics"]["test_worst_acc"] <= s["best"]["metrics"]["test_aa_acc"]
-    assert not error_lines(proc.stdout + proc.stderr), error_lines(proc.stdout + proc.stderr)  # quiet, with ASHA stops
+    assert len(s["trials"]) == 8 and all(t["status"] in ("COMPLETED", "STOPPED") for t in s["trials"])
+    c = MlflowClient(f"sqlite:///{workdir}/mlflow.db")  # every completed trial's best checkpoint is its run's model
+    models = c.search_logged_models(experiment_ids=[best_run.info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(t["mlflow_run_id"] for t in s["trials"]
+                                                             if t["status"] == "COMPLETED")
 
 
 def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
@@ -111,6 +131,8 @@ def test_a_trial_whose_loss_turns_infinite_is_stopped_with_its_reason_and_the_se
         assert t["status"] == "ERROR" and "non-finite" in t["error"], t
         run = runs[t["mlflow_run_id"]]
         assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure_reason"]
+        assert re.search(rf"^\[tune [\d:]+\] trial {t['trial_id']} failed after \d of 2 epochs: .*non-finite", proc.stdout,
+                         re.M), proc.stdout[-3000:]  # its console line, with the reason
     for t in by_beta[6.0]:  # the search went on: the other trials trained to the end
         assert t["status"] == "COMPLETED" and t["epochs_completed"] == 2, t
         assert runs[t["mlflow_run_id"]].info.status == "FINISHED"

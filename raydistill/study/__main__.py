@@ -20,7 +20,7 @@ def parser() -> ArgParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted study --name")
     p.add_argument("--storage-path", help="runs and checkpoints: a folder or a URI (s3://, gs://); default "
                                           "$RAYDISTILL_STORAGE, else ~/ray_results")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own default)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI: sqlite:///FILE, http(s)://HOST:PORT, databricks or a folder (its mlflow.db) (default: MLflow's own default)")
     p.add_argument("--summary-json", help="write the study summary JSON here when the study ends")
     p.add_argument("--dry-run", action="store_true", help="validate the study and print its plan (stages, runs, "
                                                           "budgets, estimated device-hours); run and create nothing")

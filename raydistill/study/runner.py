@@ -20,6 +20,7 @@ from .plan import Plan
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's old output engine: verbose=0 prints no tables at all
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # a failed trial: its one line (raydistill.trialevents)
 # Ctrl-C is a KeyboardInterrupt inside a search too: Tune's own handler ends the search "gracefully" and returns
 # its unfinished trials as if it were done, which the study would record
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
@@ -122,14 +123,31 @@ def _stages(study) -> dict:
     evals = run_evaluations(study, stages["evaluation"], finals)
     study.close_stage("evaluation")
     study.event(f"stage evaluation: done ({len(evals)} evaluations, {time.time() - t:.0f}s this session)")
-    s = report(study, searches, finals, evals, teachers)
+    s = report(study, searches, finals, evals, teachers, register_models(study, finals, evals))
     tracking.close_run(study.uri, study.parent, "FINISHED")
     study.event(f"done: report {s['report']}; MLflow UI: {tracking.ui_link(study.uri, study.experiment)}")
     return s
 
 
-def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> dict:
-    """Write report.md, pareto.png and study.json to the study's folder and the study's MLflow run."""
+def register_models(study, finals: dict, evals: dict) -> dict[str, str]:
+    """Each method's best final model (by the study's AutoAttack, else PGD-20) in MLflow's Model Registry, as a
+    version of ``<study>-<method>`` (tracking.register_best); returns method -> ``models:/NAME/VERSION``."""
+    from .. import tracking
+
+    candidates: dict[str, list[dict]] = {}
+    for rec in evals.values():
+        final = finals.get(rec["final"], {})
+        candidates.setdefault(rec["method"], []).append({"mlflow_run_id": final.get("mlflow_run_id"), "seed": rec["seed"],
+                                                         "metrics": rec["metrics"]})
+    done = tracking.register_best(study.uri, study.plan.name, candidates)
+    if done:
+        study.event("registered models: " + ", ".join(done.values()))
+    return done
+
+
+def report(study, searches: dict, finals: dict, evals: dict, teachers: dict, registered: dict | None = None) -> dict:
+    """Write report.md, pareto.png and study.json to the study's folder and the study's MLflow run; ``registered``:
+    method -> its registered model (``models:/NAME/VERSION``), in the summary as ``registered_model``."""
     from .. import provenance, storage, tracking
     from ..train import write_json
     from . import table
@@ -145,6 +163,8 @@ def report(study, searches: dict, finals: dict, evals: dict, teachers: dict) -> 
     report_uri = study.path("report.md")
     s = table.summary(plan, study.parent, report_uri, methods, hours)
     s["plugins"] = provenance.used_by_all(r.config for r in plan.runs() if r.config is not None)
+    for method, model in (registered or {}).items():
+        s["methods"].setdefault(method, {})["registered_model"] = model
     with tempfile.TemporaryDirectory() as tmp:
         files = {"report.md": os.path.join(tmp, "report.md"), "study.json": os.path.join(tmp, "study.json")}
         if table.pareto_plot(methods, os.path.join(tmp, "pareto.png")):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ray.tune import Callback
 from ray.tune.search import Searcher
 
 
@@ -54,27 +53,6 @@ class BudgetSearcher(Searcher):
 
     def set_state(self, state: dict) -> None:
         self.live, self.spent = dict(state["live"]), dict(state["spent"])
-
-
-class Progress(Callback):
-    """One line per finished or stopped trial (Tune's own tables are off: verbose=0)."""
-
-    def __init__(self, study, key: str, budget: int, epochs: int, metric: str = "val/pgd10_acc"):
-        self.study, self.key, self.budget, self.epochs, self.metric = study, key, budget, epochs, metric
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trial, "finished" if "test/clean_acc" in (trial.last_result or {}) else "stopped (ASHA)")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, "failed")
-
-    def _line(self, trial, what: str) -> None:
-        r = trial.last_result or {}
-        val = f", {self.metric} {r[self.metric]:.4f}" if self.metric in r else ""
-        if "val/best_acc" in r:  # what ranks the trial: its kept checkpoint's
-            val += f" (best epoch {r['val/best_acc']:.4f})"
-        self.study.event(f"{self.key}: trial {trial.trial_id} {what} after {int(r.get('epoch', 0))} of "
-                         f"{self.epochs} epochs{val} (budget {self.budget} trial-epochs)")
 
 
 def run_trial(config: dict, *, run, teachers: dict, space, parent_run_id: str, prefix: str, folder: str,
@@ -128,7 +106,10 @@ def run_search(study, run, teachers: dict) -> dict:
         run_trial, run=run, teachers=teachers, space=space, parent_run_id=parent,
         prefix=f"{study.plan.name}-{method}", folder=study.path("runs", "search", method), place=place, tags=tags),
         {"cpu": 0, "memory": 64 * 1024**2})
-    progress = Progress(study, run.key, d["trial_epochs"], d["epochs"], metric)
+    from ..trialevents import TrialEvents  # tune's console: one line per finished, stopped or failed trial
+
+    progress = TrialEvents(study.event, epochs=d["epochs"], metric=metric, prefix=f"{run.key}: ",
+                           budget=d["trial_epochs"], starts=False)
     t0 = time.time()
     if tune.Tuner.can_restore(exp_path):
         study.event(f"{run.key}: continuing the interrupted search")

@@ -3,6 +3,8 @@ it with a status and reason, find runs by kind, parent and name, log to them."""
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,25 +35,82 @@ def is_off(uri: str | None) -> bool:
     return uri is not None and uri.strip().lower() == OFF
 
 
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # a URI's scheme (two letters at least: not a drive)
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores (dialect[+driver]://...)
+ACCEPTED = ("sqlite:///FILE, a database (postgresql://, mysql://, mssql://), an MLflow server http(s)://HOST:PORT, "
+            "databricks, a folder (its mlflow.db), or none (train and evaluate: no tracking)")
+DB_FILE = "mlflow.db"  # a folder given as the store: MLflow 3 refuses folder (file) stores, its sqlite database there
+_noted: set[str] = set()
+
+
 def resolve_uri(uri: str | None) -> str:
-    """``uri`` made absolute (default: MLflow's own default). Tracking off (``none``) is a UsageError
-    here: the commands that accept it (train, evaluate) test :func:`is_off` before resolving."""
+    """``uri`` (else MLFLOW_TRACKING_URI, else MLflow's own default) made absolute: the one check of a tracking URI.
+
+    Accepted: ``sqlite:///FILE`` and MLflow's other SQLAlchemy databases, ``http(s)://`` (an MLflow server),
+    ``databricks``, and a folder or ``file:`` URI, taken as ``sqlite:///<folder>/mlflow.db`` with one ``note:``
+    line on stderr (the classic ``--tracking-uri ./mlruns``; MLflow 3 refuses folder stores). Anything else (an
+    unknown scheme, a file that is not a ``sqlite:///`` URI) is a UsageError naming the value and these forms.
+    Tracking off (``none``) is a UsageError here too: the commands that accept it (train, evaluate) test
+    :func:`is_off` before resolving."""
     if is_off(uri):
         raise UsageError("--tracking-uri none turns MLflow off, which only train and evaluate accept; "
                          "this command needs an MLflow store: give its URI or leave the option out")
-    import mlflow
+    source = f"--tracking-uri {uri}"
+    if not uri:
+        env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if env:
+            uri, source = env, f"MLFLOW_TRACKING_URI={env}"
+        else:
+            import mlflow
 
-    uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    elif "://" not in uri:
-        uri = os.path.abspath(uri)
+            uri = mlflow.get_tracking_uri()
+    uri = uri.strip()
+    m = SCHEME.match(uri)
+    scheme = m.group(1).lower() if m else None
+    if uri.lower() == "databricks" or scheme in ("databricks", "http", "https"):
+        return uri
+    if scheme is not None and scheme.split("+")[0] in DATABASES:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + os.path.abspath(os.path.expanduser(uri[len("sqlite:///"):]))
+        check_outside_ray_session(uri)
+        return uri
+    if scheme is None:
+        folder = uri
+    elif scheme == "file":
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise UsageError(f"{source}: a file: URI names a folder of this machine (file:///PATH), not of host "
+                             f"'{parsed.netloc}'; accepted: {ACCEPTED}")
+        folder = unquote(parsed.path)
+    else:
+        raise UsageError(f"{source}: unknown scheme '{scheme}:'; accepted: {ACCEPTED}")
+    path = os.path.abspath(os.path.expanduser(folder))
+    if os.path.isfile(path):
+        raise UsageError(f"{source} is a file, not a folder; for an MLflow database file give sqlite:///{path}; "
+                         f"accepted: {ACCEPTED}")
+    uri = "sqlite:///" + os.path.join(path, DB_FILE)
     check_outside_ray_session(uri)
+    if source not in _noted:
+        _noted.add(source)
+        old = _holds_file_store(path) and not os.path.exists(os.path.join(path, DB_FILE))
+        print(f"note: {source} is a folder: MLflow 3 keeps no runs in folders, so they are in its database {uri}"
+              + (f" (the folder's older runs: `mlflow migrate-filestore --source {path} --target {uri}` moves them "
+                 "there)" if old else ""), file=sys.stderr, flush=True)
     return uri
 
 
+def _holds_file_store(path: str) -> bool:
+    """Whether folder ``path`` holds runs of MLflow's file store (an experiment folder with its meta.yaml)."""
+    try:
+        return any(os.path.isfile(os.path.join(path, d, "meta.yaml")) for d in os.listdir(path))
+    except OSError:
+        return False
+
+
 def check_outside_ray_session(uri: str) -> None:
-    """Refuse a local store (sqlite file or folder) inside Ray's temporary session folder: there, as in a
+    """Refuse a local store (a sqlite file) inside Ray's temporary session folder: there, as in a
     `ray job submit` job without MLFLOW_TRACKING_URI (MLflow's default store is ./mlflow.db, and the job's
     current folder is Ray's temporary copy of its working directory), the runs would be deleted with it."""
     path = local_path(uri)
@@ -63,12 +122,8 @@ def check_outside_ray_session(uri: str) -> None:
 
 
 def local_path(uri: str) -> str | None:
-    """The file (sqlite) or folder (file store) of a local store's resolved ``uri``; None for a server."""
-    if uri.startswith("sqlite:///"):
-        return uri[len("sqlite:///"):]
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None if "://" in uri else uri
+    """The database file of a local store's resolved ``uri`` (sqlite); None for a server or another database."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
 
 
 def client(uri: str):
@@ -96,10 +151,8 @@ def open_store(uri: str | None) -> str:
     """The resolved ``uri`` of an existing, usable store; else a UsageError (and nothing is created)."""
     uri = resolve_uri(uri)
     path = local_path(uri)
-    if path is not None and uri.startswith("sqlite:///") and not os.path.isfile(path):
+    if path is not None and not os.path.isfile(path):
         raise UsageError(f"--tracking-uri {uri}: no MLflow database at {path}")
-    if path is not None and not uri.startswith("sqlite:///") and not os.path.isdir(path):
-        raise UsageError(f"--tracking-uri {uri}: no MLflow store folder at {path}")
     check_reachable(uri)
     try:
         client(uri).search_experiments(max_results=1)

@@ -67,15 +67,32 @@ def repair_trial(uri: str, run, outcome: str, checkpoint_dir: str | None = None,
 
 
 def log_checkpoint(uri: str, run_id: str, checkpoint_dir: str) -> None:
-    """The best and last student of a checkpoint folder (local or remote storage), as artifacts (driver side)."""
+    """The best and last student of a checkpoint folder (local or remote storage), as artifacts, and the best one
+    as the run's MLflow Model (``runs:/<run id>/model``: :func:`.models.log_model`) (driver side). A model that
+    cannot be logged is one ``warning:`` line and the run's tag ``model_not_logged``: the checkpoint stands."""
+    import sys
+
     from .. import storage
     from ..checkpoint import LAST_MODEL_FILE, MODEL_FILE
+    from .models import log_model
 
     c = client(uri)
+    best = None
     for fname, sub in ((MODEL_FILE, "checkpoints/best"), (LAST_MODEL_FILE, "checkpoints/last")):
         path = storage.join(checkpoint_dir, fname)
         if storage.exists(path):
-            c.log_artifact(run_id, str(storage.local_copy(path, "checkpoint file")), artifact_path=sub)
+            local = str(storage.local_copy(path, "checkpoint file"))
+            c.log_artifact(run_id, local, artifact_path=sub)
+            best = best or (local if fname == MODEL_FILE else None)
+    if best is not None:
+        try:
+            log_model(uri, run_id, best)
+        except Exception as exc:  # noqa: BLE001 - the run's checkpoint is logged; its model form is an extra
+            from ..errors import first_line
+
+            c.set_tag(run_id, "model_not_logged", first_line(exc)[:500])
+            print(f"warning: run {run_id}: its best checkpoint was not logged as an MLflow Model: {first_line(exc)}",
+                  file=sys.stderr, flush=True)
 
 
 def log_curves(uri: str, run_id: str) -> None:
