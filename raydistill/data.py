@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import inspect
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,11 +29,10 @@ from torch import Tensor
 
 from . import downloads, storage
 from .errors import UsageError, first_line
-from .registry import Registry
+from .dataspec import DATASETS, DatasetSpec, _Splits, register, stratified_split  # noqa: F401 (their home)
 
 DEFAULT_DATA_DIR = "data"
 VAL_FRACTION, VAL_CAP = 0.1, 1000
-HOLDOUT_SEED = 0  # the validation holdout and the digits test split never depend on the run seed
 
 
 @dataclass
@@ -54,43 +53,7 @@ class Dataset:
     classes: tuple[str, ...] | None = None  # the class names where the data has them (folder:, npz:)
 
 
-class _Splits(NamedTuple):
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    hflip: bool
-    crop_pad: int
-    classes: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset's facts: its loader, class count and image shape (None: set by its options), and the
-    training defaults that suit it (the configuration's dataset layer: threat model, schedule), and
-    its (training, test) image counts where they are not in study.cost's table."""
-
-    loader: Callable[..., _Splits]
-    num_classes: int | None
-    in_shape: tuple[int, int, int] | None
-    defaults: dict = field(default_factory=dict)
-    sizes: tuple[int, int] | None = None
-
-
-# name -> DatasetSpec; a loader is loader(data_dir: Path, download: bool, **options) -> _Splits. Besides the
-# registered names, folder:PATH and npz:PATH: data without code (raydistill.userdata, registered at the end).
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
 CIFAR_DEFAULTS = dict(eps=8 / 255, step_size=2 / 255, epochs=120, batch_size=128, lr=0.1, lr_milestones=[100, 110])
-
-
-def register(name: str, num_classes: int | None, in_shape: tuple[int, int, int] | None, **defaults):
-    """Register a loader function under ``name`` with its facts and training defaults."""
-    def deco(loader: Callable[..., _Splits]) -> Callable[..., _Splits]:
-        DATASETS.add(name, DatasetSpec(loader, num_classes, in_shape, defaults))
-        return loader
-
-    return deco
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int | None = None,
@@ -135,17 +98,6 @@ def load_dataset(name: str, data_dir=None, download: bool = False, val_size: int
         train_x, train_y = train_x[subset], train_y[subset]
     return Dataset(name, train_x, train_y, val_x, val_y, s.test_x, s.test_y, s.num_classes,
                    tuple(s.train_x.shape[1:]), s.hflip, s.crop_pad, s.classes)
-
-
-def stratified_split(y: Tensor, n_holdout: int, seed: int = HOLDOUT_SEED) -> tuple[Tensor, Tensor]:
-    """Sorted indices ``(keep, holdout)`` with ``n_holdout`` samples held out, class proportions preserved."""
-    from sklearn.model_selection import train_test_split
-
-    try:
-        keep, held = train_test_split(np.arange(len(y)), test_size=n_holdout, stratify=y.numpy(), random_state=seed)
-    except ValueError as exc:  # e.g. a class with a single sample
-        raise UsageError(f"cannot hold out {n_holdout} samples stratified by class: {first_line(exc)}") from None
-    return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -379,7 +331,7 @@ def iterate_batches(x: Tensor, y: Tensor, batch_size: int, *, shuffle: bool, see
         yield xb, yb
 
 
-# MNIST and Fashion-MNIST live in their own module, which registers them and imports this one: imported last
+# MNIST and Fashion-MNIST live in their own module, which registers them (into dataspec's registry)
 from . import mnist  # noqa: E402
 
 LOADERS = (mnist,)  # the modules whose datasets are registered besides this one

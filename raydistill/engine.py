@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import fastpath, provenance
+from . import fastpath, plugins, provenance
 from .checkpoint import TrainingState, load_model
 from .config import TrainConfig
 from .data import iterate_batches, load_dataset
@@ -96,6 +96,7 @@ def train_worker(config: dict) -> None:
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     try:
         note_worker_niceness()
+        plugins.load_environment()  # the plugins the driver shipped (RAYDISTILL_PLUGINS), before a name is looked up
         Trainer(config["config"], RaySession(), hooks=config.get("hooks", ())).run()
     finally:
         sys.setswitchinterval(previous)

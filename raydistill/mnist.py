@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import downloads
-from .data import _Splits, register
+from .dataspec import _Splits, register
 from .errors import UsageError, first_line
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

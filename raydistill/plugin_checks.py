@@ -18,6 +18,8 @@ import inspect
 import math
 import re
 import sys
+import traceback
+from pathlib import Path
 from .errors import UsageError
 
 NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -117,14 +119,13 @@ def _dataset(plugin, name: str, spec) -> None:
 
 
 # ----------------------------------------------------------------------------- a run's configuration
-def check_config(cfg) -> None:
-    """The checks of the plugin model(s) and method a configuration uses, on 2 images (once per process)."""
-    from . import plugins
-
+def check_config(cfg, plugin_of) -> None:
+    """The checks of the plugin model(s) and method a configuration uses, on 2 images (once per process);
+    ``plugin_of(kind, name)``: the plugin that registered a name (raydistill.plugins.plugin_of)."""
     if _in_ray_worker():  # a search's trial, a study's run: their driver checked the configuration
         return
-    method = plugins.plugin_of("method", cfg.method)
-    models = [(a, plugins.plugin_of("model", a)) for a in dict.fromkeys(x for x in (cfg.student, cfg.peer) if x)]
+    method = plugin_of("method", cfg.method)
+    models = [(a, plugin_of("model", a)) for a in dict.fromkeys(x for x in (cfg.student, cfg.peer) if x)]
     models = [(a, p) for a, p in models if p is not None]
     if method is None and not models:
         return
@@ -237,7 +238,25 @@ def _step(plugin, cfg, shape, classes: int) -> None:
 
 
 def _line(exc: BaseException, plugin) -> str:
-    from .plugins import error_line
-
     return error_line(exc, plugin.roots)
+
+
+def error_line(exc: BaseException, roots: list) -> str:
+    """``TypeName: message (file.py line N)``: the innermost place inside the plugin's code, else the last one."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        frames.append(traceback.FrameSummary(exc.filename, exc.lineno or 0, "<module>"))
+        text = exc.msg
+    inside = [f for f in frames if any(_under(f.filename, r) for r in roots)]
+    where = (inside or frames or [None])[-1]
+    at = f" ({Path(where.filename).name} line {where.lineno})" if where is not None else ""
+    return f"{type(exc).__name__}: {text}{at}"
+
+
+def _under(filename: str, root: Path) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, ValueError):
+        return False
 

@@ -103,7 +103,7 @@ def _probe(wanted: dict[str, list[str]]) -> dict[str, tuple[str | None, str | No
     from pathlib import Path
 
     from .plugins import _distribution_of, _find
-    from .provenance import digest
+    from .codedigest import digest
 
     out = {}
     for name, modules in wanted.items():

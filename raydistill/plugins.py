@@ -30,13 +30,13 @@ import os
 import site
 import sys
 import sysconfig
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
 from . import registry
+from .origins import registries
 from .errors import UsageError
 
 GROUPS = {"raydistill.methods": "method", "raydistill.models": "model", "raydistill.datasets": "dataset"}
@@ -82,15 +82,6 @@ class Plugin:
 
 LOADED: dict[str, Plugin] = {}  # key (file path, module name, distribution) -> plugin
 _state = {"entry_points": False, "env": None, "busy": False}
-
-
-def registries() -> dict[str, registry.Registry]:
-    """Kind -> the registry a plugin may add to (the built-ins' own)."""
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
-
-    return {"method": METHODS, "model": MODELS, "dataset": DATASETS}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -232,7 +223,7 @@ def _import_file(module: str, path: Path) -> ModuleType:
 def _load(key: str, plugin: Plugin, do_import) -> Plugin:
     """Import ``plugin`` with ``do_import`` (its entries registered as its own), register its methods, check it."""
     from . import plugin_checks
-    from .provenance import digest
+    from .codedigest import digest
 
     plugin.digest = plugin.digest or digest(plugin.roots)
     try:
@@ -258,7 +249,7 @@ def _load(key: str, plugin: Plugin, do_import) -> Plugin:
         _unload(plugin)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise UsageError(f"plugin {plugin.label} failed to import: {error_line(exc, plugin.roots)}") from None
+        raise UsageError(f"plugin {plugin.label} failed to import: {plugin_checks.error_line(exc, plugin.roots)}") from None
     LOADED[key] = plugin
     return plugin
 
@@ -287,26 +278,6 @@ def register_methods(module: ModuleType) -> None:
                 and (home == module.__name__ or home.startswith(module.__name__ + "."))):
             METHODS.add(obj.name, obj)
             known.add(obj)
-
-
-def error_line(exc: BaseException, roots: list) -> str:
-    """``TypeName: message (file.py line N)``: the innermost place inside the plugin's code, else the last one."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if isinstance(exc, SyntaxError) and exc.filename:
-        frames.append(traceback.FrameSummary(exc.filename, exc.lineno or 0, "<module>"))
-        text = exc.msg
-    inside = [f for f in frames if any(_under(f.filename, r) for r in roots)]
-    where = (inside or frames or [None])[-1]
-    at = f" ({Path(where.filename).name} line {where.lineno})" if where is not None else ""
-    return f"{type(exc).__name__}: {text}{at}"
-
-
-def _under(filename: str, root: Path) -> bool:
-    try:
-        return Path(filename).resolve().is_relative_to(Path(root).resolve())
-    except (OSError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -365,20 +336,6 @@ def _entry_point(ep) -> None:
 
 
 # ----------------------------------------------------------------------------- lookups
-def origin(kind: str, name: str) -> Any:
-    """``registry.BUILT_IN`` or the Plugin that registered ``name`` in the ``kind`` registry."""
-    return registries()[kind].origin(name)
-
-
-def plugin_of(kind: str, name: str) -> Plugin | None:
-    """The plugin that registered ``name`` (None: built-in, or not registered)."""
-    reg = registries()[kind]
-    if name not in reg:
-        return None
-    o = reg.origin(name)
-    return None if o == registry.BUILT_IN else o
-
-
 # ----------------------------------------------------------------------------- the command line
 PLUGIN_HELP = ("load a plugin: a .py file or a module holding methods, models or datasets (repeatable; also "
                f"{ENV}, and installed packages' entry points); docs/extending.md")
@@ -395,3 +352,6 @@ def listing(kind: str = "method") -> list[str]:
     names = reg.names()
     width = max((len(n) for n in names), default=0)
     return [f"{n:<{width}}  {registry.describe(reg.origin(n))}" for n in names]
+
+
+registry.before_lookup(load_environment)  # a process's first lookup of any registry loads them

@@ -11,31 +11,13 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from pathlib import Path
-from typing import Iterable
 
+from .codedigest import digest
 from .errors import UsageError
 
-DIGEST_SUFFIXES = (".py", ".yaml", ".yml")  # a package's files that make its digest
-
-
-def digest(roots: Iterable[str | os.PathLike]) -> str:
-    """``sha256:<hex>`` of a file's bytes, or of the Python and YAML files (names and contents) under folders."""
-    roots = [Path(r) for r in roots]
-    if len(roots) == 1 and roots[0].is_file():
-        return "sha256:" + hashlib.sha256(roots[0].read_bytes()).hexdigest()
-    h = hashlib.sha256()
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                     and p.suffix in DIGEST_SUFFIXES and "__pycache__" not in p.parts)
-        for p in files:
-            h.update(f"{p.relative_to(root.parent)}\0".encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return "sha256:" + h.hexdigest()
+__all__ = ["digest", "used_by", "used_by_all", "tags", "record", "check_resume", "require"]
 
 
 # ----------------------------------------------------------------------------- records and relaunches
@@ -49,14 +31,14 @@ def used_by_all(configs) -> dict[str, dict]:
 
 def used_by(cfg) -> dict[str, dict]:
     """The plugins whose names configuration ``cfg`` uses (method, networks, dataset): name -> record."""
-    from . import plugins
+    from .origins import plugin_of
 
     names = [("method", getattr(cfg, "method", None)), ("dataset", getattr(cfg, "dataset", None))]
     names += [("model", getattr(cfg, a, None)) for a in ("student", "peer", "teacher_arch", "natural_teacher_arch")]
     names = [(kind, name) for kind, name in names if name]
     out = {}
     for kind, name in names:
-        p = plugins.plugin_of(kind, name)
+        p = plugin_of(kind, name)
         if p is not None:
             out[p.name] = p.record()
     return out
@@ -127,17 +109,17 @@ def require(kind: str, name: str, meta: dict, source: str) -> None:
     says so."""
     import sys
 
-    from . import plugins
+    from .origins import plugin_of, registries
 
     rec = next(((plugin, r) for plugin, r in (meta.get("plugins") or {}).items()
                 if name in (r.get("provides") or {}).get(kind, [])), None)
-    if name not in plugins.registries()[kind]:
+    if name not in registries()[kind]:
         if rec is not None:
             plugin, r = rec
             raise UsageError(f"{source} holds a {kind} '{name}' of plugin {plugin} ({r.get('source')}, {r.get('digest')}), "
                              "which is not loaded: give --plugin FILE_OR_MODULE (or install its package)")
         return
-    loaded = plugins.plugin_of(kind, name)
+    loaded = plugin_of(kind, name)
     if rec is not None and loaded is not None and loaded.digest != rec[1].get("digest") and (source, name) not in _noted:
         _noted.add((source, name))
         print(f"note: {source} was trained with plugin {rec[0]} {rec[1].get('digest')}; its {kind} '{name}' is the "

@@ -49,7 +49,7 @@ class Unclaimed:
 
     def record(self) -> dict[str, Any]:
         """What a run records of it: the module and the digest of its file (when it has one)."""
-        from .provenance import digest
+        from .codedigest import digest
 
         path = getattr(sys.modules.get(self.module), "__file__", None)
         return {"kind": "module", "source": self.module, "digest": digest([path]) if path else "unknown",
@@ -57,7 +57,7 @@ class Unclaimed:
 
 
 # the registration helpers between a registry and the code that registers (skipped to find that code)
-HELPERS = {("raydistill.models", "register_model"), ("raydistill.data", "deco")}
+HELPERS = {("raydistill.models", "register_model"), ("raydistill.dataspec", "deco")}
 
 
 def _caller() -> Any:
@@ -96,11 +96,19 @@ def registering_as(origin: Any) -> Iterator[None]:
         _origin.pop()
 
 
-def _ready() -> None:
-    """Load the plugins of this process's environment before the first lookup (once; cheap afterwards)."""
-    from . import plugins
+_BEFORE_LOOKUP: list[Callable[[], None]] = []  # run before every lookup: raydistill.plugins adds its loader
 
-    plugins.load_environment()
+
+def before_lookup(fn: Callable[[], None]) -> None:
+    """Run ``fn`` before each lookup of any registry (raydistill.plugins: load the plugins of this process's
+    environment, once; the registries know nothing of plugins beyond this hook)."""
+    if fn not in _BEFORE_LOOKUP:
+        _BEFORE_LOOKUP.append(fn)
+
+
+def _ready() -> None:
+    for fn in _BEFORE_LOOKUP:
+        fn()
 
 
 class Registry(Generic[T]):

@@ -27,7 +27,7 @@ a study's table record it, and ``evaluate CHECKPOINT`` reloads the data from it.
   Options change the data, so they are part of the name.
 
 Without a test split, ``test_fraction`` of the images (rounded, stratified by class) is held out as the
-test split, the same every time: its seed is fixed (``data.HOLDOUT_SEED``), not the run's.
+test split, the same every time: its seed is fixed (``dataspec.HOLDOUT_SEED``), not the run's.
 
 The threat model: the dataset layer's defaults are eps 8/255 and step size 2/255 (10 steps, the global
 default), for images in [0, 1]. That is the convention of CIFAR-10/100 and TinyImageNet for 8-bit natural
@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from . import storage
-from .data import DatasetSpec, _Splits, stratified_split
+from .dataspec import DatasetSpec, _Splits, stratified_split
 from .errors import UsageError, first_line
 
 KINDS = ("folder", "npz")

@@ -1,6 +1,7 @@
 """Hyperparameter search end to end: Ray Tune + Optuna + ASHA over TorchTrainer trials, MLflow runs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster import _descendants
 from conftest import REPO, assert_one_error_line, cli, warning_lines
 
 pytestmark = pytest.mark.slow
@@ -95,11 +97,13 @@ def test_killed_search_resumes_with_every_trial_exactly_once(workdir):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(2)
         time.sleep(3)
-    finally:
+    finally:  # the driver and the local Ray instance it started die at once, as with a crash of the machine's
+        left = _descendants(proc.pid)  # user; only this test's processes (never `ray stop`: other Ray instances)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    # what a user does after a crash: stop the Ray processes the killed driver left behind
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     again = cli("tune", *args, "--resume", timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     s = json.loads((workdir / "k.json").read_text())

@@ -176,7 +176,7 @@ def beside(plan, method: str, mean: dict, ours: dict | None = None) -> str:
 
 
 def _is_plugin(method: str) -> bool:
-    from ..plugins import plugin_of
+    from ..origins import plugin_of
 
     return plugin_of("method", method) is not None
 
