@@ -119,9 +119,10 @@ def _dataset(plugin, name: str, spec) -> None:
 
 
 # ----------------------------------------------------------------------------- a run's configuration
-def check_config(cfg, plugin_of) -> None:
-    """The checks of the plugin model(s) and method a configuration uses, on 2 images (once per process);
-    ``plugin_of(kind, name)``: the plugin that registered a name (raydistill.plugins.plugin_of)."""
+def check_config(cfg) -> None:
+    """The checks of the plugin model(s) and method a configuration uses, on 2 images (once per process)."""
+    from .origins import plugin_of
+
     if _in_ray_worker():  # a search's trial, a study's run: their driver checked the configuration
         return
     method = plugin_of("method", cfg.method)

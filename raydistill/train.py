@@ -57,10 +57,9 @@ def preflight(cfg: TrainConfig) -> None:
     from .checkpoint import load_model
     from .data import DATASETS
     from .methods import get_method
-    from .origins import plugin_of
     from .plugin_checks import check_config
 
-    check_config(cfg, plugin_of)
+    check_config(cfg)
     spec = DATASETS.get(cfg.dataset)
     n_classes = spec.num_classes or cfg.dataset_options.get("num_classes", 10)
     shape = spec.in_shape

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import fastpath
 from ..config import TrainConfig, resolve
-from ..origins import plugin_of
 from ..plugin_checks import check_config
 from ..steprunner import StepRunner
 
@@ -61,7 +60,7 @@ class Bench:
         place = {k: changes[k] for k in ("in_process", "threads") if k in changes}
         cfg = dataclasses.replace(cfg, dataset_options=dict(self.options),
                                   placement=dataclasses.replace(cfg.placement, **{"threads": a.threads, **place}))
-        check_config(cfg, plugin_of)  # a plugin's model and method on 2 images: one error line before anything is timed
+        check_config(cfg)  # a plugin's model and method on 2 images: one error line before anything is timed
         return cfg
 
     def runner(self, cfg: TrainConfig) -> StepRunner:

@@ -32,7 +32,6 @@ def parser() -> ArgParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..origins import plugin_of
     from ..plugin_checks import check_config
     from . import load_study
     from .show import format_plan
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                       allow_changed_plugin=args.allow_changed_plugin)
     for run in plan.runs():  # a plugin's model and method on 2 images, before anything runs (dry run too)
         if run.config is not None:
-            check_config(run.config, plugin_of)
+            check_config(run.config)
     if args.dry_run:
         print(format_plan(plan))
         print("\ndry run: nothing was run or created" + (f"; --summary-json {args.summary_json} not written"
