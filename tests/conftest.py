@@ -29,8 +29,58 @@ def own_storage(tmp_path_factory):
     os.environ.pop("RAYDISTILL_STORAGE", None)
 
 
+# ----------------------------------------------------------------------------- one cluster for the cluster tests
+class _Shared:
+    """The session's 2-node cluster and S3 server (``cluster2``), stopped after the last test that uses it."""
+
+    state: dict = {}
+    last_user: str | None = None
+
+    @classmethod
+    def stop(cls) -> None:
+        ray, s3 = cls.state.pop("ray", None), cls.state.pop("s3", None)
+        if ray is not None:
+            ray.stop()
+        if s3 is not None:
+            s3.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster2(tmp_path_factory):
+    """A real 2-node Ray cluster, 1 CPU per node (nothing to spare: the edge users hit), token auth on, and moto's S3
+    server as its storage (tests/cluster.py), shared by every cluster test of a pytest run: started once (about half
+    a minute on 2 cores), stopped after the last test that uses it. The nodes' environment: the S3 variables, the
+    code and tests/ on PYTHONPATH (loop hooks, test plugins), CE_PLUS_TRACE (where tests/plugins/ce_plus.py leaves
+    a file per process that trained with it). Yields a namespace: ray (RayCluster), s3 (S3Server), work (a folder)."""
+    from types import SimpleNamespace
+
+    from cluster import RayCluster, S3Server
+
+    if "ray" not in _Shared.state:
+        work = tmp_path_factory.mktemp("cluster2")
+        s3 = S3Server(work)
+        try:
+            ray = RayCluster(work / "ray", nodes=2, cpus=1, env={**s3.env, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+                                                                 "CE_PLUS_TRACE": str(work / "trace")})
+        except BaseException:
+            s3.stop()
+            raise
+        _Shared.state.update(ray=ray, s3=s3, work=work)
+    yield SimpleNamespace(**_Shared.state)
+    _Shared.stop()  # at the end of the session, if the last user did not stop it
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _Shared.last_user == item.nodeid:
+        _Shared.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: the last test that runs
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests need CUDA: skipped (and counted as skipped) where there is none."""
+    """``gpu``-marked tests need CUDA: skipped (and counted as skipped) where there is none. The last test that uses
+    the shared cluster stops it (``cluster2``)."""
+    users = [item.nodeid for item in items if "cluster2" in getattr(item, "fixturenames", ())]
+    _Shared.last_user = users[-1] if users else None
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return

@@ -12,28 +12,17 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster import RayCluster, S3Server
 from conftest import REPO, assert_one_error_line, cli, train_with_hooks
 from loop_hooks import KillOnce, NodeIds
 
 pytestmark = pytest.mark.slow
 QUICK = ["--preset", "quickstart", "--val-size", "100"]
-PYTHONPATH = f"{REPO}:{REPO / 'tests'}"  # the code and the loop hooks, for the nodes' workers
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cluster")
-    s3 = S3Server(work)
-    ray = None
-    try:
-        # the storage variables and the code's path reach the workers through `ray start`'s environment
-        ray = RayCluster(work, nodes=2, cpus=2, env={**s3.env, "PYTHONPATH": PYTHONPATH})
-        yield ray, s3, work
-    finally:
-        if ray is not None:
-            ray.stop()
-        s3.stop()
+@pytest.fixture
+def cluster(cluster2):
+    """The session's 2-node cluster (1 CPU per node) and S3 server (tests/conftest.py): (ray, s3, work)."""
+    return cluster2.ray, cluster2.s3, cluster2.work
 
 
 def mlflow_uri(work) -> str:
@@ -47,7 +36,7 @@ def test_train_on_s3_with_a_worker_on_each_node_then_evaluate_and_distill_from_i
     # rank 0 dies right after epoch 2's checkpoint is uploaded, before Ray registers it: Ray restarts the
     # group, which resumes from that folder; Ray's own retention never sees it
     proc = train_with_hooks([KillOnce("after_report", 1, 0, work / "killed"), NodeIds(work / "nodes")],
-                            "pgd_at", *QUICK, "--epochs", "3", "--workers", "2", "--cpus-per-worker", "2",
+                            "pgd_at", *QUICK, "--epochs", "3", "--workers", "2", "--cpus-per-worker", "1",
                             "--max-failures", "1", "--storage-path", storage, "--name", "s3run",
                             "--tracking-uri", mlflow_uri(work), "--summary-json", str(work / "s3run.json"), env=ray.env)
     wall = time.time() - t0

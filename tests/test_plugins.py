@@ -1,7 +1,7 @@
 """Plugins (raydistill.plugins, plugin_checks, provenance): a user's own method, model and dataset, loaded from a
 .py file, a module, RAYDISTILL_PLUGINS or an installed package's entry points; each bad plugin one error line
 with nothing created; the digest that refuses a resume with changed code. On Ray and a cluster:
-tests/test_plugins_cluster.py."""
+tests/test_cluster_plugins.py."""
 from __future__ import annotations
 
 import json

@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster import RayCluster
 from conftest import REPO, assert_one_error_line, cli, error_lines
 from test_plugins import METHOD, PLUGINS, fake_package
 
@@ -25,15 +25,12 @@ TINY = ["--dataset", "digits", "--student", "tiny_mlp", "--epochs", "1", "--atta
         "--val-size", "100", "--test-attacks", "clean,pgd20"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    work = tmp_path_factory.mktemp("plugins-cluster")
-    ray = RayCluster(work, nodes=2, cpus=1, env={"PYTHONPATH": str(REPO), "RAYDISTILL_SHARED_FS": "1",
-                                                 "CE_PLUS_TRACE": str(work / "trace")})
-    try:
-        yield ray, work
-    finally:
-        ray.stop()
+@pytest.fixture
+def cluster(cluster2):
+    """The session's 2-node cluster (1 CPU per node; tests/conftest.py): its nodes' CE_PLUS_TRACE is where the
+    plugin leaves its trace. Storage here is a folder both nodes reach (one machine): RAYDISTILL_SHARED_FS=1."""
+    ray = cluster2.ray
+    return SimpleNamespace(env={**ray.env, "RAYDISTILL_SHARED_FS": "1"}, dashboard=ray.dashboard), cluster2.work
 
 
 def user_folder(tmp: Path) -> Path:

@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-from cluster import RayCluster, S3Server
 from conftest import REPO, cli, error_lines
 
 pytestmark = pytest.mark.slow
@@ -23,18 +22,13 @@ SMALL = ["--dataset", "digits", "--student", "small_cnn", "--eps", "0.1", "--ste
          "--val-size", "100", "--cpus-per-worker", "1"]
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    work = tmp_path_factory.mktemp("small")
-    s3 = S3Server(work)
-    ray = None
-    try:
-        ray = RayCluster(work, nodes=2, cpus=1, env={**s3.env, "PYTHONPATH": str(REPO)})
-        yield ray, s3, work, {}
-    finally:
-        if ray is not None:
-            ray.stop()
-        s3.stop()
+@pytest.fixture
+def small(cluster2, tmp_path):
+    """The session's 2-node cluster (1 CPU per node) and S3 server; this module's results shared between its tests."""
+    return cluster2.ray, cluster2.s3, tmp_path, SHARED
+
+
+SHARED: dict = {}  # the search's checkpoint, for the evaluations
 
 
 def test_a_search_ends_with_its_autoattack_figure_while_another_job_holds_a_cpu(small):
@@ -61,7 +55,7 @@ def test_a_search_ends_with_its_autoattack_figure_while_another_job_holds_a_cpu(
 def test_the_evaluation_goes_on_with_the_one_worker_it_can_get(small):
     ray, s3, work, shared = small
     ckpt = shared.get("checkpoint") or pytest.skip("needs the search's checkpoint")
-    args = ["evaluate", ckpt, "--attacks", "clean,fgsm,pgd20", "--batch-size", "128", "--storage-path", s3.uri("evals")]
+    args = ["evaluate", ckpt, "--attacks", "clean,fgsm,pgd20", "--batch-size", "128", "--storage-path", s3.uri("small-evals")]
     with ray.hold({"CPU": 1}):
         t0 = time.time()
         two = cli(*args, "--workers", "2", "--name", "two", "--summary-json", str(work / "two.json"), env=ray.env)
@@ -74,7 +68,7 @@ def test_the_evaluation_goes_on_with_the_one_worker_it_can_get(small):
     import pyarrow.parquet as pq
 
     fs = s3.filesystem()
-    tables = [pq.read_table(f"raydistill/evals/evaluations/{n}/per_image.parquet", filesystem=fs) for n in ("two", "here")]
+    tables = [pq.read_table(f"raydistill/small-evals/evaluations/{n}/per_image.parquet", filesystem=fs) for n in ("two", "here")]
     assert tables[0].equals(tables[1])  # image by image
     a, b = (json.loads((work / f"{n}.json").read_text())["metrics"] for n in ("two", "here"))
     assert a == b
@@ -116,7 +110,7 @@ def test_no_cpu_free_gives_up_in_one_line_and_sigterm_ends_it_as_ctrl_c(small):
     ray, s3, work, shared = small
     ckpt = shared.get("checkpoint") or pytest.skip("needs the search's checkpoint")
     args = [sys.executable, "-m", "raydistill.evaluate", ckpt, "--attacks", "clean,pgd20", "--workers", "1",
-            "--storage-path", s3.uri("evals"), "--name", "none"]
+            "--storage-path", s3.uri("small-evals"), "--name", "none"]
     with ray.hold({"CPU": 1}, {"CPU": 1}):
         # SIGTERM while it waits: one line, exit 130, no stack dump of Ray's signal handler
         driver = subprocess.Popen(args, env=ray.env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -139,5 +133,5 @@ def test_no_cpu_free_gives_up_in_one_line_and_sigterm_ends_it_as_ctrl_c(small):
     assert len(errors) == 1 and errors[0].startswith("error: evaluation stopped: no evaluation worker (CPU 1) could be "
                                                      "placed in 1"), proc.stderr[-3000:]
     assert "(--worker-wait 15): CPU 0 of 2 free; held: placement group" in errors[0]
-    assert "the finished batches are kept in s3://raydistill/evals/evaluations/none: the same command continues" in errors[0]
+    assert "the finished batches are kept in s3://raydistill/small-evals/evaluations/none: the same command continues" in errors[0]
     assert wall < 120
