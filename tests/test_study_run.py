@@ -35,6 +35,7 @@ evaluation:
   attacks: [clean, pgd20, aa]
   n_examples: 8
   batch_size: 8
+  max_concurrent: 2
 """
 
 

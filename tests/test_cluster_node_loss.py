@@ -7,7 +7,6 @@ killed while every rank is mid-epoch (tests/loop_hooks.py PauseOnce), and a Ctrl
 """
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import subprocess
@@ -143,21 +142,16 @@ def test_a_stale_driver_never_overwrites_a_run_another_driver_finished(tmp_path)
 
 # ----------------------------------------------------------------------------- a real 2-node cluster
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """2 nodes of 1 CPU (a 2-worker run puts one worker on each, one thread each: 2 cores are not oversubscribed)
-    and an S3 bucket (moto) for the runs."""
-    from cluster import RayCluster, S3Server
-
-    work = tmp_path_factory.mktemp("cluster")
-    s3 = S3Server(work)
-    try:
-        path = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")) if p)
-        ray = RayCluster(work, nodes=2, cpus=1, env={**s3.env, "PYTHONPATH": path})  # workers import loop_hooks
-        ray.s3 = s3
-        yield ray
-        ray.stop()
-    finally:
-        s3.stop()
+def cluster(cluster2):
+    """The session's 2 nodes of 1 CPU (a 2-worker run puts one worker on each, one thread each: 2 cores are not
+    oversubscribed) and its S3 bucket for the runs (tests/conftest.py, cluster2); the tests here lose nodes, so
+    the module leaves the cluster with 2 live nodes again."""
+    ray = cluster2.ray
+    ray.s3 = cluster2.s3
+    yield ray
+    if ray.alive_nodes() < 2:
+        ray.start_node()
+        ray.wait_for_nodes(2)
 
 
 @pytest.fixture
