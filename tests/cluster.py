@@ -142,6 +142,7 @@ class RayCluster:
                     "RAY_DEDUP_LOGS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.cpus = cpus
         self.nodes: list[subprocess.Popen] = []
+        self.lost: set[int] = set()  # nodes a test killed (kill_node): never started again in their place
         try:
             self.start_node(head=True)
             self.wait_for_nodes(1)  # a node started before the head answers gives up
@@ -212,13 +213,14 @@ class RayCluster:
             _stop_group(proc, grace=5)
 
     def wait_for_nodes(self, n: int, timeout: float = 300) -> None:
-        """Until ``n`` nodes are alive; a node whose `ray start` gave up (a busy machine) is started again."""
+        """Until ``n`` nodes are alive; a node whose `ray start` gave up (a busy machine) is started again, a node a
+        test killed is not (``n`` counts it no more: a killed node and its restart would make one node too many)."""
         deadline = time.time() + timeout
         while self.alive_nodes() != n:
             for i, p in enumerate(self.nodes):
                 if p.poll() is not None and i == 0:
                     raise RuntimeError(f"the head node exited; see {self.workdir / 'node0.log'}")
-                if p.poll() is not None and i < n:
+                if p.poll() is not None and i not in self.lost:
                     self.nodes[i] = self.start_node(index=i)
             if time.time() > deadline:
                 raise RuntimeError(f"the cluster did not reach {n} nodes; see {self.workdir}/node*.log")
@@ -240,6 +242,7 @@ class RayCluster:
         """Lose node ``node`` as a machine is lost: its raylet and every process under it (Ray's workers, each
         in a process group of its own) killed at once (SIGKILL), then the rest of its processes. (Killing the
         raylet alone leaves its workers running until they notice, training on meanwhile.)"""
+        self.lost.add(node)
         raylet = self.raylet_pid(node)
         for pid in [raylet, *_descendants(raylet)]:
             try:
