@@ -1,5 +1,5 @@
 """A plugin given as a file on a real 2-node Ray cluster (two `ray start` processes on this machine, 1 CPU each,
-token authentication, the storage a folder both reach: RAYDISTILL_SHARED_FS=1): the driver ships it to every
+token authentication, the storage a folder both reach (RAYDISTILL_SHARED_FS=1) or its S3 bucket): the driver ships it to every
 worker of every node; a `ray job submit --working-dir` search with its AutoAttack step runs it as well; a plugin
 package that the nodes lack is one error line naming the node.
 
@@ -30,7 +30,7 @@ def cluster(cluster2):
     """The session's 2-node cluster (1 CPU per node; tests/conftest.py): its nodes' CE_PLUS_TRACE is where the
     plugin leaves its trace. Storage here is a folder both nodes reach (one machine): RAYDISTILL_SHARED_FS=1."""
     ray = cluster2.ray
-    return SimpleNamespace(env={**ray.env, "RAYDISTILL_SHARED_FS": "1"}, dashboard=ray.dashboard), cluster2.work
+    return SimpleNamespace(env={**ray.env, "RAYDISTILL_SHARED_FS": "1"}, dashboard=ray.dashboard, s3=cluster2.s3), cluster2.work
 
 
 def user_folder(tmp: Path) -> Path:
@@ -67,7 +67,9 @@ def test_a_plugin_file_reaches_the_workers_on_both_nodes(cluster, tmp_path):
 
 def test_a_submitted_search_ships_the_plugin_and_attacks_its_best_trial(cluster, tmp_path):
     """`ray job submit --working-dir USER -- python -m raydistill.tune ce_plus --plugin ce_plus.py`: the job's own
-    runtime environment (its working_dir and a variable of its own) and the plugin's are merged."""
+    runtime environment (its working_dir and a variable of its own) and the plugin's are merged. The job's driver
+    runs in the head node's environment (the nodes' S3 variables, not this test's RAYDISTILL_SHARED_FS): its storage
+    is the cluster's S3 bucket, as a submitted job's is."""
     ray, work = cluster
     user = user_folder(tmp_path)
     trace = tmp_path / "job-trace"
@@ -76,7 +78,7 @@ def test_a_submitted_search_ships_the_plugin_and_attacks_its_best_trial(cluster,
            "--runtime-env-json", json.dumps({"env_vars": {"CE_PLUS_TRACE": str(trace)}}), "--",
            "python", "-m", "raydistill.tune", "ce_plus", "--plugin", "ce_plus.py", *TINY, "--num-samples", "2",
            "--max-concurrent", "2", "--cpus-per-worker", "1", "--scheduler", "none", "--top-k", "1", "--aa-n-examples", "20",
-           "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--name", "jt",
+           "--storage-path", ray.s3.uri("plugin-job"), "--tracking-uri", uri, "--name", "jt",
            "--summary-json", str(tmp_path / "jt.json")]
     job = subprocess.run(cmd, env=ray.env, cwd=str(tmp_path), capture_output=True, text=True, timeout=1200)
     text = job.stdout + job.stderr

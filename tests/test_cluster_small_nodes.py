@@ -8,6 +8,7 @@ not left to the race."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_a_search_ends_with_its_autoattack_figure_while_another_job_holds_a_cpu(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "note: other jobs hold part of the cluster: CPU" in out and "placement group" in out, out[-3000:]
-    assert "[raydistill] AutoAttack on trial" in out
+    assert re.search(r"^\[tune [0-9:]+\] AutoAttack on trial \w+ \(20 test images", out, re.M), out[-3000:]
     s = json.loads((work / "s1.json").read_text())
     best = s["trials"][0] if s["trials"][0]["metrics"].get("test_aa_acc") is not None else s["trials"][1]
     assert 0 <= best["metrics"]["test_aa_acc"] <= best["metrics"]["test_pgd20_acc"] <= best["metrics"]["test_clean_acc"]
@@ -91,7 +92,7 @@ from conftest import natural_digits_model
 init_ray()
 real = resources.free
 resources.free = lambda r="CPU": real(r) + (1.0 if r == "CPU" else 0.0)  # a stale view: one CPU more than is free
-evalpool.PLACE_LIMIT_S = 5.0
+evalpool.PLACE_LIMIT_S = 1.0  # well within the attack's few seconds
 model, data = natural_digits_model()
 torch.save(model.state_dict(), {str(model_file)!r})  # what run_evaluation digests
 s = run_evaluation({str(model_file)!r}, model, data, ["clean", "pgd20"], eps=0.1, step_size=0.025, n_examples=96,
@@ -102,7 +103,7 @@ print("ACC", s["metrics"])
         proc = subprocess.run([sys.executable, "-c", code], env=ray.env, cwd=str(REPO), capture_output=True, text=True,
                               timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 worker could not be placed within 5s (CPU 0 of 2 free" in proc.stderr, proc.stderr[-3000:]
+    assert "1 worker could not be placed within 1s (CPU 0 of 2 free" in proc.stderr, proc.stderr[-3000:]
     assert "ACC" in proc.stdout
 
 
