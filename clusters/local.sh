@@ -44,6 +44,9 @@ S3=http://127.0.0.1:$S3_PORT
 export RAY_AUTH_MODE=token
 # Ray's workers at nice 0 (Ray's default is 15, below its own daemons: slower training on a busy CPU; README)
 export RAY_worker_niceness=0
+# The raylet warns once a node runs 4x the Python workers it starts at once (its CPUs: 1 or 2 here), which a search
+# on small nodes always does (docs/clusters.md, "The raylet's worker-pool warning"): at 8 it warns from 32 on
+export RAY_worker_maximum_startup_concurrency=${RAY_worker_maximum_startup_concurrency:-8}
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 # The environment of every `ray start`: where jobs log (MLflow) and store (S3), and how they reach the bucket
 # (moto accepts any credentials; on a real cluster they come from the node's identity or your secret store);
