@@ -226,6 +226,12 @@ class RayCluster:
                 raise RuntimeError(f"the cluster did not reach {n} nodes; see {self.workdir}/node*.log")
             time.sleep(2)
 
+    def restore(self, n: int) -> None:
+        """Back to ``n`` live nodes after a test lost some: one new node, then the wait (a killed node stays lost)."""
+        if self.alive_nodes() < n:
+            self.start_node()
+            self.wait_for_nodes(n)
+
     def raylet_pid(self, node: int) -> int:
         """The raylet process of node ``node`` (in the process group of its ``ray start``)."""
         for d in Path("/proc").iterdir():

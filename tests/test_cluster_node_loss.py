@@ -149,17 +149,13 @@ def cluster(cluster2):
     ray = cluster2.ray
     ray.s3 = cluster2.s3
     yield ray
-    if ray.alive_nodes() < 2:
-        ray.start_node()
-        ray.wait_for_nodes(2)
+    ray.restore(2)
 
 
 @pytest.fixture
 def two_nodes(cluster):
     """The cluster with 2 live nodes again (a test before may have lost one)."""
-    if cluster.alive_nodes() < 2:
-        cluster.start_node()
-        cluster.wait_for_nodes(2)
+    cluster.restore(2)
     return cluster
 
 

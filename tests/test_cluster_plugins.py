@@ -1,7 +1,7 @@
 """A plugin given as a file on a real 2-node Ray cluster (two `ray start` processes on this machine, 1 CPU each,
-token authentication, the storage a folder both reach (RAYDISTILL_SHARED_FS=1) or its S3 bucket): the driver ships it to every
-worker of every node; a `ray job submit --working-dir` search with its AutoAttack step runs it as well; a plugin
-package that the nodes lack is one error line naming the node.
+token authentication, the storage a folder both reach (RAYDISTILL_SHARED_FS=1) or its S3 bucket): the driver ships
+it to every worker of every node; a `ray job submit --working-dir` search with its AutoAttack step runs it as well;
+a plugin package that the nodes lack is one error line naming the node.
 
 How we know where the plugin ran: tests/plugins/ce_plus.py leaves a file named ``<Ray node id>-<pid>`` in the
 folder CE_PLUS_TRACE names, from each process whose training step ran it."""
@@ -28,9 +28,11 @@ TINY = ["--dataset", "digits", "--student", "tiny_mlp", "--epochs", "1", "--atta
 @pytest.fixture
 def cluster(cluster2):
     """The session's 2-node cluster (1 CPU per node; tests/conftest.py): its nodes' CE_PLUS_TRACE is where the
-    plugin leaves its trace. Storage here is a folder both nodes reach (one machine): RAYDISTILL_SHARED_FS=1."""
+    plugin leaves its trace. Storage here is a folder both nodes reach (one machine): RAYDISTILL_SHARED_FS=1; a
+    submitted job, which runs in the head node's environment, stores in its S3 bucket (s3)."""
     ray = cluster2.ray
-    return SimpleNamespace(env={**ray.env, "RAYDISTILL_SHARED_FS": "1"}, dashboard=ray.dashboard, s3=cluster2.s3), cluster2.work
+    env = {**ray.env, "RAYDISTILL_SHARED_FS": "1"}
+    return SimpleNamespace(env=env, dashboard=ray.dashboard, s3=cluster2.s3), cluster2.work
 
 
 def user_folder(tmp: Path) -> Path:

@@ -35,7 +35,6 @@ evaluation:
   attacks: [clean, pgd20, aa]
   n_examples: 8
   batch_size: 8
-  max_concurrent: 2
 """
 
 
